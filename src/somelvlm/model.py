@@ -1,0 +1,362 @@
+"""SoMeLVLM: EVA-ViT-g -> ln_vision -> instruction-aware Q-Former -> linear -> LLaMA (HF).
+
+Only this file knows all the parts. Loading from external formats lives in `weights.py` (names and
+files) and `folder.py` (our own model folder); generation in `generation.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import LLMConfig, SoMeLVLMConfig
+from .processing import IGNORE_INDEX, SoMeLVLMProcessor
+from .qformer import QFormer
+from .vision import VisionTransformer
+
+log = logging.getLogger("somelvlm")
+
+# The ~190M-parameter connection module stays fp32 when the model is loaded in half precision,
+# as in LAVIS on GPU (Q-Former and llm_proj run outside autocast, ln_vision is an fp32 LayerNorm).
+FP32_MODULES = ("ln_vision.", "qformer.", "query_tokens", "proj.")
+PAD_ROW_SEED = 32000
+PAD_ROW_STD = 0.02
+
+
+class LayerNormFp32(nn.LayerNorm):
+    """LAVIS's fp16-safe LayerNorm: always computes in fp32 and returns fp32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+@dataclass
+class SoMeLVLMOutput:
+    logits: torch.Tensor  # [B, Q + L, V]: query positions, then text positions
+    loss: torch.Tensor | None = None
+    past_key_values: Any = None
+
+
+def target_dtype(name: str, dtype: torch.dtype | None, keep_fp32: bool = True) -> torch.dtype | None:
+    """The dtype a parameter is stored in when the model is loaded as `dtype`."""
+    if dtype is None:
+        return None
+    if keep_fp32 and dtype in (torch.float16, torch.bfloat16) and name.startswith(FP32_MODULES):
+        return torch.float32
+    return dtype
+
+
+def pad_rows(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `[PAD]` rows appended to `embed_tokens` and `lm_head` when growing the vocab by one.
+
+    LAVIS draws them at random (HF `_init_weights`, N(0, 0.02²)) and never saves them; we draw from the
+    same distribution but deterministically: one `torch.Generator` seeded 32000, first the
+    `embed_tokens` row, then the `lm_head` row, in fp32.
+    """
+    g = torch.Generator().manual_seed(PAD_ROW_SEED)
+    embed = torch.randn(hidden, generator=g, dtype=torch.float32) * PAD_ROW_STD
+    head = torch.randn(hidden, generator=g, dtype=torch.float32) * PAD_ROW_STD
+    return embed, head
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of next-token prediction over labels != -100 (logits upcast to fp32)."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+class SoMeLVLM(nn.Module):
+    """InstructBLIP-Vicuna as used by SoMeLVLM. Build with `from_config`, `from_lavis`,
+    `from_pretrained` or `from_hf`; see README for the data flow."""
+
+    def __init__(self, config: SoMeLVLMConfig, processor: SoMeLVLMProcessor | None = None) -> None:
+        super().__init__()
+        if config.llm is None:
+            raise ValueError("config.llm is None: the LLM architecture must be known (use from_lavis to read it)")
+        from transformers import LlamaForCausalLM
+
+        self.config = config
+        exact = config.attn_implementation == "exact"
+        q = config.qformer
+        self.query_tokens = nn.Parameter(torch.zeros(1, q.num_queries, q.hidden))
+        nn.init.normal_(self.query_tokens, std=0.02)
+        self.vision = VisionTransformer(config.vision, exact)
+        self.ln_vision = LayerNormFp32(config.vision.width, eps=config.ln_vision_eps)
+        self.qformer = QFormer(q, encoder_width=config.vision.width, exact=exact)
+        self.proj = nn.Linear(q.hidden, config.llm.hidden)
+        self.llm = LlamaForCausalLM(config.llm.to_hf("eager" if exact else "sdpa"))
+        self.processor = processor
+        self.freeze_vision = True
+        self.freeze_llm = True
+        self.apply_freeze_policy()
+
+    # ------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: SoMeLVLMConfig | str = "tiny", seed: int | None = 0) -> "SoMeLVLM":
+        """Random weights (tests, benchmarks, the built-in `tiny` demo). The tiny preset gets the
+        bundled tokenizers; other presets have no tokenizer until loaded from files."""
+        if isinstance(config, str):
+            config = SoMeLVLMConfig.preset(config)
+        if seed is not None:
+            torch.manual_seed(seed)
+        processor = None
+        if config == SoMeLVLMConfig.preset("tiny"):
+            processor = SoMeLVLMProcessor.tiny(config.vision.image_size)
+        return cls(config, processor).eval()
+
+    @classmethod
+    def from_lavis(
+        cls,
+        checkpoint: str | Path,
+        vit: str | Path,
+        llm: str | Path,
+        qformer_tokenizer: str | Path | None = None,
+        config: SoMeLVLMConfig | None = None,
+        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
+    ) -> "SoMeLVLM":
+        """Load the released LAVIS files: `checkpoint.pth`, `eva_vit_g.pth` and the HF LLM folder.
+
+        `config=None` is the released architecture; the LLM architecture always comes from the
+        folder. `dtype=None` loads fp32 (LAVIS's CPU reference). See `somelvlm.lavis` for details.
+        """
+        from .lavis import load_lavis
+
+        return load_lavis(cls, checkpoint=checkpoint, vit=vit, llm=llm, qformer_tokenizer=qformer_tokenizer,
+                          config=config, dtype=dtype, device=device)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, device_map: Any = None) -> "SoMeLVLM":
+        """Load a somelvlm model folder (see `save_pretrained`)."""
+        from .folder import load_folder
+
+        return load_folder(cls, folder, dtype=dtype, device=device, device_map=device_map)
+
+    @classmethod
+    def from_hf(cls, folder: str | Path, dtype: torch.dtype | str | None = None,
+                device: str | torch.device | None = None) -> "SoMeLVLM":
+        """Import a Hugging Face `InstructBlipForConditionalGeneration` folder."""
+        from .hf import load_hf
+
+        return load_hf(cls, folder, dtype=dtype, device=device)
+
+    def save_pretrained(self, folder: str | Path, format: str = "somelvlm", **kwargs: Any) -> Path:
+        """Write a model folder: `format="somelvlm"` (safetensors, our config), `"hf"` (a folder
+        `InstructBlipForConditionalGeneration.from_pretrained` loads) or `"lavis"` (`checkpoint.pth`)."""
+        from .folder import save_folder
+
+        return save_folder(self, folder, format=format, **kwargs)
+
+    # ------------------------------------------------------------------------------------------
+    # Freezing (InstructBLIP: ViT and LLM frozen, connection module trained)
+    # ------------------------------------------------------------------------------------------
+    def apply_freeze_policy(self, freeze_vision: bool | None = None, freeze_llm: bool | None = None) -> None:
+        if freeze_vision is not None:
+            self.freeze_vision = freeze_vision
+        if freeze_llm is not None:
+            self.freeze_llm = freeze_llm
+        for p in self.vision.parameters():
+            p.requires_grad_(not self.freeze_vision)
+        for p in self.llm.parameters():
+            p.requires_grad_(not self.freeze_llm)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "SoMeLVLM":
+        super().train(mode)
+        if getattr(self, "freeze_vision", False):
+            self.vision.eval()  # LAVIS disabled_train: a frozen ViT never leaves eval mode
+        if getattr(self, "freeze_llm", False):
+            self.llm.eval()
+        return self
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """`(name, parameter)` for everything that trains under the current policy."""
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------------------------------
+    # Numerics switches
+    # ------------------------------------------------------------------------------------------
+    def set_attention(self, implementation: str) -> None:
+        """`"sdpa"` (fast) or `"exact"` (LAVIS's explicit matmul-softmax in ViT and Q-Former, eager LLaMA)."""
+        if implementation not in ("sdpa", "exact"):
+            raise ValueError(f"implementation must be 'sdpa' or 'exact', got {implementation!r}")
+        exact = implementation == "exact"
+        self.vision.set_exact_attention(exact)
+        self.qformer.set_exact_attention(exact)
+        self.llm.set_attn_implementation("eager" if exact else "sdpa")
+        self.config = self.config.replace(attn_implementation=implementation)
+
+    def set_grad_checkpointing(self, vision: bool = True, qformer: bool = False, llm: bool = True) -> None:
+        self.vision.set_grad_checkpointing(vision)
+        self.qformer.set_grad_checkpointing(qformer)
+        if llm:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.llm.is_gradient_checkpointing:
+            self.llm.gradient_checkpointing_disable()
+
+    def to_dtype(self, dtype: torch.dtype, keep_fp32: bool = True) -> "SoMeLVLM":
+        """Cast to `dtype`, keeping the connection module in fp32 for half precision (see FP32_MODULES)."""
+        for name, p in self.named_parameters():
+            t = target_dtype(name, dtype, keep_fp32)
+            if p.dtype != t:
+                p.data = p.data.to(t)
+        return self
+
+    # ------------------------------------------------------------------------------------------
+    # Forward pieces
+    # ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, S, S]` -> image embeds after `ln_vision` `[B, N, width]` (fp32, as LAVIS)."""
+        dev = self.vision.patch_embed.proj.weight.device
+        x = self.vision(pixel_values.to(dev))  # [B, N, C]
+        return self.ln_vision(x.to(self.ln_vision.weight.device))  # fp32
+
+    def query_embeds(
+        self,
+        image_embeds: torch.Tensor,
+        qformer_input_ids: torch.Tensor | None,
+        qformer_attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image embeds + instruction -> `[B, Q, llm_hidden]` soft prompt (the mask covers the text only)."""
+        B = image_embeds.shape[0]
+        dev = self.query_tokens.device
+        if qformer_input_ids is not None:
+            qformer_input_ids = qformer_input_ids.to(dev)
+            if qformer_attention_mask is not None:
+                qformer_attention_mask = qformer_attention_mask.to(dev)
+        q = self.query_tokens.expand(B, -1, -1)
+        h = self.qformer(q, image_embeds.to(dev), qformer_input_ids, qformer_attention_mask)  # [B, Q+T, H]
+        h = h[:, : q.shape[1]]
+        return self.proj(h.to(self.proj.weight.dtype))  # [B, Q, D]
+
+    def llm_inputs(
+        self, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`[queries | embed(ids)]`, its mask and position ids (cumsum of the mask: pads are skipped)."""
+        embed = self.llm.get_input_embeddings()
+        input_ids = input_ids.to(embed.weight.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = attention_mask.to(input_ids.device)
+        text = embed(input_ids)  # [B, L, D]
+        inputs = torch.cat([queries.to(text.device, text.dtype), text], dim=1)  # [B, Q+L, D]
+        mask = torch.cat([attention_mask.new_ones(queries.shape[:2]), attention_mask], dim=1)  # [B, Q+L]
+        position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
+        return inputs, mask, position_ids
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+    ) -> SoMeLVLMOutput:
+        """Logits over `[Q query positions + L text positions]`; `labels` cover the text (`[B, L]`) or
+        everything (`[B, Q+L]`), -100 = ignored; the loss is LAVIS's token-mean next-token CE."""
+        if input_ids is None:
+            raise ValueError("input_ids are required")
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("give pixel_values or image_embeds")
+            image_embeds = self.encode_image(pixel_values)
+        queries = self.query_embeds(image_embeds, qformer_input_ids, qformer_attention_mask)
+        inputs, mask, pos = self.llm_inputs(queries, input_ids, attention_mask)
+        out = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, use_cache=False)
+        logits = out.logits
+        loss = None
+        if labels is not None:
+            Q = queries.shape[1]
+            if labels.shape[1] == input_ids.shape[1]:
+                labels = torch.cat([labels.new_full((labels.shape[0], Q), IGNORE_INDEX), labels], dim=1)
+            elif labels.shape[1] != Q + input_ids.shape[1]:
+                raise ValueError(f"labels have length {labels.shape[1]}; expected {input_ids.shape[1]} or {Q + input_ids.shape[1]}")
+            loss = causal_lm_loss(logits, labels)
+        return SoMeLVLMOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------------------------------------
+    # High-level API (implemented in generation.py / train)
+    # ------------------------------------------------------------------------------------------
+    def require_processor(self) -> SoMeLVLMProcessor:
+        if self.processor is None:
+            raise RuntimeError(
+                "this model has no tokenizers: load it with from_pretrained/from_lavis/from_hf, "
+                "or set model.processor = SoMeLVLMProcessor(...)"
+            )
+        return self.processor
+
+    def encode_images(self, images: Any, batch_size: int = 16):
+        """Run the vision tower once: returns reusable `ImageFeatures` for `generate`/`rank`."""
+        from .generation import encode_images
+
+        return encode_images(self, images, batch_size=batch_size)
+
+    def generate(self, images: Any = None, prompts: Any = None, **kwargs: Any) -> list[str]:
+        """Answers for `prompts` about `images` (LAVIS defaults: 5 beams, 256 new tokens, ...)."""
+        from .generation import generate
+
+        return generate(self, images=images, prompts=prompts, **kwargs)
+
+    def generate_stream(self, image: Any, prompt: str, **kwargs: Any) -> Iterator[str]:
+        """Yield the answer's text pieces as they are produced (greedy or sampling)."""
+        from .generation import generate_stream
+
+        return generate_stream(self, image, prompt, **kwargs)
+
+    def rank(self, image: Any, prompt: str, candidates: list[str], **kwargs: Any) -> list[tuple[str, float]]:
+        """Candidate answers sorted by LM log-likelihood (LAVIS `predict_class`), best first."""
+        from .generation import rank
+
+        return rank(self, image, prompt, candidates, **kwargs)
+
+    def compute_loss(self, images: Any, prompts: list[str], answers: list[str]) -> torch.Tensor:
+        """LAVIS instruction-tuning loss for raw texts (tokenised with LAVIS's rules)."""
+        proc = self.require_processor()
+        text = proc.training_text(prompts, answers)
+        if isinstance(images, torch.Tensor):
+            pixel_values = images
+        else:
+            pixel_values = proc.images(images)
+        out = self(pixel_values=pixel_values.to(self.device), input_ids=text.input_ids,
+                   attention_mask=text.attention_mask, qformer_input_ids=text.qformer_input_ids,
+                   qformer_attention_mask=text.qformer_attention_mask, labels=text.labels)
+        return out.loss
+
+    def num_parameters(self) -> dict[str, int]:
+        parts = {"vision": self.vision, "ln_vision": self.ln_vision, "qformer": self.qformer, "proj": self.proj,
+                 "llm": self.llm}
+        out = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        out["query_tokens"] = self.query_tokens.numel()
+        out["total"] = sum(out.values())
+        return out
+
+    @staticmethod
+    def llm_config_from_folder(folder: str | Path) -> LLMConfig:
+        import json
+
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face LLaMA folder)")
+        return LLMConfig.from_hf(json.loads(path.read_text()))
