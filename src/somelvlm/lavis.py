@@ -13,68 +13,109 @@ Sources, in LAVIS's own loading order (later ones win, as in LAVIS):
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .config import SoMeLVLMConfig
+from .config import LLMConfig, SoMeLVLMConfig
 from .loading import assign_state_dict, empty_model, parse_dtype
+from .model import pad_rows
 from .processing import LlamaTokenizer, QFormerTokenizer, SoMeLVLMProcessor
-from .vision import round_weights_to_fp16_
-from .weights import StateDict, WeightMap, WeightsError, iter_hf_weights, load_file, unwrap_checkpoint
+from .vision import FP16_ROUNDED, round_to_fp16
+from .weights import StateDict, WeightMap, WeightsError, hf_weight_files, load_file, unwrap_checkpoint
 
 log = logging.getLogger("somelvlm")
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
-def read_vit(path: str | Path, depth: int) -> tuple[StateDict, list[int]]:
-    """EVA-ViT-g weights with LAVIS names (`visual_encoder.*`); returns the dropped block indices."""
-    sd = unwrap_checkpoint(load_file(path), path)
-    out: StateDict = {}
-    dropped: set[int] = set()
-    for k, v in sd.items():
-        k = k.removeprefix("visual_encoder.")
-        m = _BLOCK.match(k)
-        if m and int(m.group(1)) >= depth:
-            dropped.add(int(m.group(1)))
-            continue
-        out["visual_encoder." + k] = v
-    return out, sorted(dropped)
+@dataclass
+class LavisSources:
+    """The three released inputs, checked, with the full model config (LLM read from its folder)."""
+
+    checkpoint: Path
+    vit: Path
+    llm: Path
+    config: SoMeLVLMConfig
+    tokenizer: LlamaTokenizer
+    llm_files: list[Path]
+
+    @classmethod
+    def open(cls, checkpoint: str | Path, vit: str | Path, llm: str | Path,
+             config: SoMeLVLMConfig | None = None) -> "LavisSources":
+        checkpoint, vit, llm = Path(checkpoint), Path(vit), Path(llm)
+        for p, what in ((checkpoint, "LAVIS checkpoint"), (vit, "ViT weights")):
+            if not p.is_file():
+                raise FileNotFoundError(f"{what} not found: {p}")
+        if not llm.is_dir():
+            raise FileNotFoundError(f"LLM folder not found: {llm}")
+        tok = LlamaTokenizer(llm / "tokenizer.model")
+        llm_cfg = LLMConfig.from_hf(read_json(llm / "config.json"))
+        if llm_cfg.vocab_size < tok.num_pieces:
+            raise WeightsError(f"{llm}: vocab_size {llm_cfg.vocab_size} < {tok.num_pieces} tokenizer pieces")
+        vocab = max(llm_cfg.vocab_size, tok.num_pieces + 1)  # LAVIS appends [PAD]
+        llm_cfg = dataclasses.replace(llm_cfg, vocab_size=vocab, pad_id=tok.num_pieces)
+        config = (config or SoMeLVLMConfig.preset("vicuna7b")).replace(llm=llm_cfg)
+        warn_generation_config(llm)
+        return cls(checkpoint, vit, llm, config, tok, hf_weight_files(llm))
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor, Path]]:
+        """Yield `(our_name, tensor, file)` file by file, as LAVIS would load them (see module doc)."""
+        wmap = WeightMap.load("lavis")
+        round_vit = self.config.vision.fp16_weights
+        ckpt = unwrap_checkpoint(load_file(self.checkpoint), self.checkpoint)
+        ckpt = {k: v for k, v in ckpt.items() if not wmap.is_ignored(k)}
+
+        def ours(lavis_name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
+            name = wmap.key_to_ours(lavis_name)
+            if round_vit and name.startswith("vision.") and FP16_ROUNDED.match(name[len("vision."):]):
+                t = round_to_fp16(t)
+            return name, t
+
+        vit_sd = unwrap_checkpoint(load_file(self.vit), self.vit)
+        dropped: set[int] = set()
+        for k, t in vit_sd.items():
+            k = k.removeprefix("visual_encoder.")
+            m = _BLOCK.match(k)
+            if m and int(m.group(1)) >= self.config.vision.depth:
+                dropped.add(int(m.group(1)))
+                continue
+            if "visual_encoder." + k not in ckpt:
+                yield (*ours("visual_encoder." + k, t), self.vit)
+        del vit_sd
+        if dropped:
+            log.info("%s: dropped %d unused ViT block(s) %s (LAVIS uses the first %d)", self.vit, len(dropped),
+                     sorted(dropped), self.config.vision.depth)
+
+        pieces = self.tokenizer.num_pieces
+        for f in self.llm_files:
+            sd = load_file(f)
+            for k, t in sd.items():
+                name = "llm_model." + k
+                if wmap.is_ignored(name) or name in ckpt:
+                    continue
+                if k in ("model.embed_tokens.weight", "lm_head.weight") and t.shape[0] == pieces:
+                    row = pad_rows(t.shape[1])[0 if k.startswith("model.") else 1]
+                    t = torch.cat([t, row.to(t.dtype)[None]])
+                    log.info("%s: %s grown from %d to %d rows with the [PAD] row", f, k, pieces, pieces + 1)
+                yield (*ours(name, t), f)
+            del sd
+
+        for k, t in ckpt.items():
+            if k.startswith("llm_model.") and t.is_floating_point():
+                t = round_to_fp16(t)  # LAVIS loads them into its fp16 LLM
+            yield (*ours(k, t), self.checkpoint)
 
 
-def read_llm(folder: str | Path, hidden: int, num_pieces: int) -> tuple[StateDict, dict[str, str], int]:
-    """The LLaMA folder's weights as `llm_model.*`, vocab grown to `num_pieces + 1` if needed."""
-    sd: StateDict = {}
-    origin: dict[str, str] = {}
-    for k, v, f in iter_hf_weights(folder):
-        sd["llm_model." + k] = v
-        origin["llm_model." + k] = str(f)
-    emb_key, head_key = "llm_model.model.embed_tokens.weight", "llm_model.lm_head.weight"
-    if emb_key not in sd:
-        raise WeightsError(f"{folder}: no model.embed_tokens.weight: not a LLaMA checkpoint?")
-    vocab = sd[emb_key].shape[0]
-    if vocab < num_pieces:
-        raise WeightsError(f"{folder}: embed_tokens has {vocab} rows but tokenizer.model has {num_pieces} pieces")
-    if vocab == num_pieces:
-        emb_row, head_row = pad_rows_like(hidden)
-        sd[emb_key] = torch.cat([sd[emb_key], emb_row.to(sd[emb_key].dtype)[None]])
-        if head_key in sd:
-            sd[head_key] = torch.cat([sd[head_key], head_row.to(sd[head_key].dtype)[None]])
-        vocab += 1
-        log.info("LLM vocab grown from %d to %d with a deterministic [PAD] row (as LAVIS resizes it)", num_pieces, vocab)
-    elif vocab > num_pieces + 1:
-        log.warning("%s: LLM vocab is %d (> %d pieces + [PAD]); keeping the extra rows", folder, vocab, num_pieces)
-    return sd, origin, vocab
-
-
-def pad_rows_like(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from .model import pad_rows
-
-    return pad_rows(hidden)
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    return json.loads(path.read_text())
 
 
 def load_lavis(
@@ -88,50 +129,24 @@ def load_lavis(
     device: str | torch.device | None = None,
 ) -> Any:
     dtype = parse_dtype(dtype) or torch.float32
-    llm = Path(llm)
-    config = config or SoMeLVLMConfig.preset("vicuna7b")
-    llm_tok = LlamaTokenizer(llm / "tokenizer.model")
-    llm_cfg = cls.llm_config_from_folder(llm)
-    warn_generation_config(llm)
-
-    vit_sd, dropped = read_vit(vit, config.vision.depth)
-    if dropped:
-        log.info("%s: dropped %d unused ViT block(s) %s (LAVIS uses the first %d)", vit, len(dropped), dropped,
-                 config.vision.depth)
-    llm_sd, origin, vocab = read_llm(llm, llm_cfg.hidden, llm_tok.num_pieces)
-    llm_cfg = dataclasses.replace(llm_cfg, vocab_size=vocab, pad_id=llm_tok.num_pieces)
-    config = config.replace(llm=llm_cfg)
-
-    ckpt_sd = unwrap_checkpoint(load_file(checkpoint), checkpoint)
-    lavis_sd: StateDict = {}
-    lavis_sd.update(vit_sd)
-    origin.update({k: str(vit) for k in vit_sd})
-    lavis_sd.update(llm_sd)
-    overridden = [k for k in ckpt_sd if k in lavis_sd]
-    if overridden:
-        log.info("%s overrides %d tensor(s) from the ViT/LLM files (LAVIS loads it last)", checkpoint, len(overridden))
-    lavis_sd.update(ckpt_sd)
-    origin.update({k: str(checkpoint) for k in ckpt_sd})
-
-    wmap = WeightMap.load("lavis")
-    ours = wmap.to_ours(lavis_sd)
-    our_origin = {wmap.key_to_ours(k): v for k, v in origin.items()}
-
-    processor = SoMeLVLMProcessor(
-        llm_tok, QFormerTokenizer(qformer_tokenizer, max_length=config.qformer.max_text_len),
-        image_size=config.vision.image_size, max_txt_len=config.max_txt_len,
-        max_output_txt_len=config.max_output_txt_len,
-    )
-    model = empty_model(cls, config, processor)
-    assign_state_dict(model, ours, dtype=dtype, device=device, origin=our_origin)
-    if config.vision.fp16_weights:
-        round_weights_to_fp16_(model.vision)
+    src = LavisSources.open(checkpoint, vit, llm, config)
+    state, origin = {}, {}
+    for name, t, f in src.tensors():
+        state[name], origin[name] = t, str(f)
+    processor = make_processor(src, qformer_tokenizer)
+    model = empty_model(cls, src.config, processor)
+    assign_state_dict(model, state, dtype=dtype, device=device, origin=origin)
     return model.eval()
 
 
-def warn_generation_config(folder: Path) -> None:
-    import json
+def make_processor(src: LavisSources, qformer_tokenizer: str | Path | None) -> SoMeLVLMProcessor:
+    c = src.config
+    return SoMeLVLMProcessor(src.tokenizer, QFormerTokenizer(qformer_tokenizer, max_length=c.qformer.max_text_len),
+                             image_size=c.vision.image_size, max_txt_len=c.max_txt_len,
+                             max_output_txt_len=c.max_output_txt_len)
 
+
+def warn_generation_config(folder: Path) -> None:
     path = folder / "generation_config.json"
     if path.is_file():
         eos = json.loads(path.read_text()).get("eos_token_id")

@@ -146,11 +146,12 @@ class SoMeLVLM(nn.Module):
 
     @classmethod
     def from_hf(cls, folder: str | Path, dtype: torch.dtype | str | None = None,
-                device: str | torch.device | None = None) -> "SoMeLVLM":
-        """Import a Hugging Face `InstructBlipForConditionalGeneration` folder."""
+                device: str | torch.device | None = None, ln_vision_eps: float | None = None) -> "SoMeLVLM":
+        """Import a Hugging Face `InstructBlipForConditionalGeneration` folder. `ln_vision_eps=None`
+        reproduces the HF model (vision eps); pass 1e-5 for LAVIS numerics."""
         from .hf import load_hf
 
-        return load_hf(cls, folder, dtype=dtype, device=device)
+        return load_hf(cls, folder, dtype=dtype, device=device, ln_vision_eps=ln_vision_eps)
 
     def save_pretrained(self, folder: str | Path, format: str = "somelvlm", **kwargs: Any) -> Path:
         """Write a model folder: `format="somelvlm"` (safetensors, our config), `"hf"` (a folder

@@ -8,6 +8,8 @@ block. Parameter names are LAVIS's (= timm `Eva`'s), so the vision key map is th
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,6 +126,16 @@ class VisionTransformer(nn.Module):
         return x
 
 
+# Tensor names (relative to the tower) that LAVIS's vit_precision="fp16" rounds: conv/linear only.
+FP16_ROUNDED = re.compile(r"^(patch_embed\.proj\.(weight|bias)|blocks\.\d+\.(attn\.qkv\.weight|attn\.proj\.(weight|bias)"
+                          r"|mlp\.fc[12]\.(weight|bias)))$")
+
+
+def round_to_fp16(t: torch.Tensor) -> torch.Tensor:
+    """`t.half()` values in `t`'s dtype (a no-op for fp16 tensors)."""
+    return t if t.dtype == torch.float16 else t.half().to(t.dtype)
+
+
 @torch.no_grad()
 def round_weights_to_fp16_(module: nn.Module) -> nn.Module:
     """Round conv/linear weights and biases to fp16 values in place, keeping their dtype.
@@ -135,6 +147,6 @@ def round_weights_to_fp16_(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
             for p in (m.weight, m.bias):
-                if p is not None and p.dtype != torch.float16 and p.device.type != "meta":
-                    p.copy_(p.half().to(p.dtype))
+                if p is not None and p.device.type != "meta":
+                    p.copy_(round_to_fp16(p))
     return module
