@@ -86,6 +86,107 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# generate
+# ------------------------------------------------------------------------------------------------
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """LAVIS's decoding options (defaults: 5 beams, max_length 256, repetition penalty 1.5, ...)."""
+    g = p.add_argument_group("decoding (LAVIS defaults)")
+    g.add_argument("--num-beams", type=int, default=5)
+    g.add_argument("--max-length", type=int, default=256,
+                   help="LAVIS max_length: counts a dummy start token, so at most max_length-1 new tokens")
+    g.add_argument("--max-new-tokens", type=int, default=None, help="overrides --max-length")
+    g.add_argument("--min-length", type=int, default=1, help="LAVIS min_length (counts the dummy start token)")
+    g.add_argument("--repetition-penalty", type=float, default=1.5)
+    g.add_argument("--length-penalty", type=float, default=1.0)
+    g.add_argument("--do-sample", action="store_true", help="nucleus sampling (beam sampling when --num-beams > 1)")
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    return dict(num_beams=args.num_beams, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
+                min_length=args.min_length, repetition_penalty=args.repetition_penalty,
+                length_penalty=args.length_penalty, do_sample=args.do_sample, top_p=args.top_p,
+                temperature=args.temperature, seed=args.seed)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="a somelvlm model folder, or 'tiny' (built-in, random weights)")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: as stored")
+    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
+
+
+def load_model_from_args(args: argparse.Namespace):
+    import torch
+
+    from .model import SoMeLVLM
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return SoMeLVLM.load(args.model, dtype=args.dtype, device=device)
+
+
+DEMO_PROMPT = "Describe this social-media image in one sentence."
+
+
+def add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="answer prompts about images",
+                       description="One answer: --image IMG --prompt TEXT. A file of tasks: --input tasks.jsonl "
+                                   "--output answers.jsonl (lines of {id, image, prompt} or SoMeData's "
+                                   "{text_input, image}); resumable. Without arguments, the built-in tiny "
+                                   "model answers a question about a bundled photo.")
+    add_model_options(p)
+    p.add_argument("--image", help="image file (default with --model tiny: a bundled sample photo)")
+    p.add_argument("--prompt", help="the instruction / question")
+    p.add_argument("--stream", action="store_true", help="print the answer as it is produced (greedy)")
+    p.add_argument("--input", type=Path, help="tasks file (JSONL or a JSON list)")
+    p.add_argument("--output", type=Path, help="answers file (JSONL; appended, resumable)")
+    p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--no-progress", action="store_true")
+    add_generation_options(p)
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from .processing import SAMPLE_IMAGE, asset_path
+
+    if (args.input is None) != (args.output is None):
+        raise SystemExit("--input and --output go together")
+    if args.input is not None and (args.image or args.prompt):
+        raise SystemExit("use either --input/--output or --image/--prompt")
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be at least 1")
+    kwargs = generation_kwargs(args)
+    model = load_model_from_args(args)
+    if args.input is not None:
+        from .batch import answer_tasks
+
+        res = answer_tasks(model, args.input, args.output, images_root=args.images_root,
+                           batch_size=args.batch_size, progress=not args.no_progress, **kwargs)
+        rate = res.answered / res.seconds if res.seconds else 0.0
+        print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
+              f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
+        return 0 if res.ok else 1
+    image = args.image
+    if image is None:
+        if args.model not in (None, "tiny"):
+            raise SystemExit("--image is required (or --input/--output)")
+        image = str(asset_path(SAMPLE_IMAGE))
+    prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
+    if args.stream:
+        if args.num_beams != 1:
+            print("note: streaming decodes greedily (--num-beams 1)", file=sys.stderr)
+        kwargs["num_beams"] = 1
+        for piece in model.generate_stream(image, prompt, **kwargs):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(model.generate(image, [prompt], **kwargs)[0])
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_convert(sub)
+    add_generate(sub)
     for extra in _extra_commands():
         extra(sub)
     return parser
@@ -104,14 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     from importlib import import_module
 
-    for module in ("somelvlm.generation_cli", "somelvlm.evaluate.cli", "somelvlm.train"):
+    for module in ("somelvlm.evaluate.cli", "somelvlm.train"):
         try:
             mod = import_module(module)
         except ModuleNotFoundError as e:
             if e.name and e.name.startswith("somelvlm"):
                 continue
             raise
-        yield mod.add_parser
+        if hasattr(mod, "add_parser"):
+            yield mod.add_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -116,6 +116,24 @@ class SoMeLVLM(nn.Module):
         return cls(config, processor).eval()
 
     @classmethod
+    def load(cls, spec: str | Path | None = "tiny", dtype: torch.dtype | str | None = None,
+             device: str | torch.device | None = None) -> "SoMeLVLM":
+        """`"tiny"` (the built-in random demo model, with a warning) or a somelvlm model folder."""
+        from .loading import parse_dtype
+
+        if spec in (None, "tiny"):
+            log.warning("using the built-in 'tiny' model with RANDOM weights: its answers are meaningless; "
+                        "pass a converted model folder for real answers")
+            model = cls.from_config("tiny")
+            if dtype is not None:
+                model.to_dtype(parse_dtype(dtype))
+            return model.to(device) if device is not None else model
+        if not Path(spec).is_dir():
+            raise FileNotFoundError(f"model folder not found: {spec} (convert the released weights with "
+                                    "`somelvlm convert`, or use 'tiny')")
+        return cls.from_pretrained(spec, dtype=dtype, device=device)
+
+    @classmethod
     def from_lavis(
         cls,
         checkpoint: str | Path,

@@ -123,8 +123,7 @@ class QFormerTokenizer:
         if not self.vocab_file.is_file():
             raise FileNotFoundError(f"Q-Former vocab not found: {self.vocab_file}")
         self._tok = BertWordPieceTokenizer(str(self.vocab_file), lowercase=True)
-        if self._tok.token_to_id("[DEC]") is None:
-            self._tok.add_special_tokens(["[DEC]"])
+        self._tok.add_special_tokens(["[DEC]"])  # id 30522: appended, or the vocab's last line
         self.max_length = max_length
         self.cls_id = self._tok.token_to_id("[CLS]")
         self.sep_id = self._tok.token_to_id("[SEP]")

@@ -113,20 +113,9 @@ def _run_model(args: argparse.Namespace) -> dict:
 
 
 def _load_model(args: argparse.Namespace) -> Any:
-    import torch
+    from somelvlm.cli import load_model_from_args
 
-    from somelvlm import SoMeLVLM
-    from somelvlm.loading import parse_dtype
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model in (None, "tiny"):
-        print("somelvlm eval: using the built-in 'tiny' model with RANDOM weights (answers are "
-              "meaningless); pass --model DIR for a trained model", file=sys.stderr)
-        model = SoMeLVLM.from_config("tiny").to(device)
-        return model.to_dtype(parse_dtype(args.dtype)) if args.dtype else model
-    if not Path(args.model).is_dir():
-        raise FileNotFoundError(f"model folder not found: {args.model}")
-    return SoMeLVLM.from_pretrained(args.model, dtype=args.dtype, device=device)
+    return load_model_from_args(args)
 
 
 def _load_judge(spec: str | None) -> Any:

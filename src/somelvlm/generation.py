@@ -1,0 +1,317 @@
+"""Generation exactly as LAVIS `Blip2VicunaInstruct.generate`, plus encode-once-ask-many, streaming
+and candidate ranking (`predict_class`).
+
+The LLM sees `[Q query embeddings][left pads][</s> prompt]` with position ids from the attention
+mask (pads skipped), and runs `transformers`' `generate` on those embeddings. LAVIS's `max_length`
+and `min_length` count a dummy start token (transformers 4.33 semantics), so by default at most
+`max_length - 1 = 255` new tokens are produced and `min_length=1` is a no-op. Output ids equal to 0
+become 2, special ids are skipped, and the text is stripped.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .processing import IGNORE_INDEX, pad_batch
+
+DUMMY_START_ID = 1  # the Vicuna generation_config's bos, which transformers 4.33 put in front of outputs
+LAVIS_DEFAULTS = dict(num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0,
+                      do_sample=False, top_p=0.9, temperature=1.0)
+
+
+@dataclass
+class ImageFeatures:
+    """Image embeddings after `ln_vision`, `[N, tokens, width]`: compute once, ask many questions."""
+
+    embeds: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def select(self, indices: Sequence[int]) -> "ImageFeatures":
+        """Rows for a batch of prompts (an index may repeat: one image, many prompts)."""
+        idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.embeds.device)
+        return ImageFeatures(self.embeds.index_select(0, idx))
+
+
+def _is_single_image(x: Any) -> bool:
+    import numpy as np
+    from PIL import Image
+
+    return isinstance(x, (str, os.PathLike, bytes, bytearray, Image.Image)) or (
+        isinstance(x, np.ndarray) and x.ndim in (2, 3) and x.dtype != object)
+
+
+@torch.inference_mode()
+def encode_images(model: Any, images: Any, batch_size: int = 16) -> ImageFeatures:
+    """Run the vision tower (+ `ln_vision`) over images: paths, PIL, bytes, arrays or `[B,3,S,S]`."""
+    if isinstance(images, ImageFeatures):
+        return images
+    proc = model.require_processor()
+    if isinstance(images, torch.Tensor):
+        pixels = proc.images(images)
+        chunks = [pixels[i:i + batch_size] for i in range(0, len(pixels), batch_size)]
+    else:
+        items = [images] if _is_single_image(images) else list(images)
+        if not items:
+            raise ValueError("no images given")
+        chunks = [proc.images(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+    return ImageFeatures(torch.cat([model.encode_image(c) for c in chunks]))
+
+
+def features_for(model: Any, images: Any, n: int) -> ImageFeatures:
+    """Image features for `n` prompts: one image (or feature row) is shared by all prompts; a list of
+    `n` images is encoded once per distinct path (or object)."""
+    if images is None:
+        raise ValueError("images are required")
+    if not isinstance(images, (ImageFeatures, torch.Tensor)) and not _is_single_image(images):
+        items = list(images)
+        if len(items) not in (1, n):
+            raise ValueError(f"{len(items)} images for {n} prompts: give one image per prompt, or one for all")
+        keys = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else id(x) for x in items]
+        slot: dict[Any, int] = {}
+        unique = []
+        for k, x in zip(keys, items):
+            if k not in slot:
+                slot[k] = len(unique)
+                unique.append(x)
+        feats = encode_images(model, unique)
+        return feats.select([slot[k] for k in keys] if len(items) == n else [0] * n)
+    feats = encode_images(model, images)
+    if len(feats) == n:
+        return feats
+    if len(feats) == 1:
+        return feats.select([0] * n)
+    raise ValueError(f"{len(feats)} images for {n} prompts: give one image per prompt, or one for all")
+
+
+class LavisRepetitionPenalty:
+    """transformers 4.33's repetition penalty as LAVIS ran it: applied to every id in the decoder's
+    `input_ids`, which held a dummy start id (`<s>` = 1) before the generated ids (never the prompt):
+    `s * p` where `s < 0`, else `s / p`. (transformers 5 has no dummy id, so it would skip id 1.)"""
+
+    def __init__(self, penalty: float, dummy_id: int = DUMMY_START_ID) -> None:
+        self.penalty = penalty
+        self.dummy_id = dummy_id
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        dummy = input_ids.new_full((input_ids.shape[0], 1), self.dummy_id)
+        ids = torch.cat([dummy, input_ids], dim=1)
+        picked = scores.gather(1, ids)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, ids, picked)
+
+
+def _generation_kwargs(model: Any, num_beams: int, max_length: int, min_length: int,
+                       max_new_tokens: int | None, min_new_tokens: int | None, repetition_penalty: float,
+                       length_penalty: float, do_sample: bool, top_p: float, temperature: float,
+                       num_return_sequences: int, **extra: Any) -> dict[str, Any]:
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    llm = model.config.llm
+    if max_new_tokens is None:
+        max_new_tokens = max_length - 1  # LAVIS: max_length counts the dummy start token
+    if min_new_tokens is None:
+        min_new_tokens = max(min_length - 1, 0)
+    cfg = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+               length_penalty=length_penalty, do_sample=do_sample, num_return_sequences=num_return_sequences,
+               eos_token_id=llm.eos_id, pad_token_id=llm.pad_id, bos_token_id=DUMMY_START_ID, use_cache=True)
+    if do_sample:
+        cfg.update(top_p=top_p, temperature=temperature, top_k=0)
+    direct = {k: extra.pop(k) for k in _GENERATE_ARGS if k in extra}
+    cfg.update(extra)
+    processors = LogitsProcessorList(direct.pop("logits_processor", None) or [])
+    if repetition_penalty != 1.0:
+        processors.insert(0, LavisRepetitionPenalty(repetition_penalty))
+    return {"generation_config": GenerationConfig(**cfg), "logits_processor": processors, **direct}
+
+
+_GENERATE_ARGS = ("streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn")
+
+
+@torch.inference_mode()
+def llm_generate_inputs(model: Any, feats: ImageFeatures, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inputs_embeds [B, Q+L, D]` and `attention_mask [B, Q+L]` in LAVIS's generation layout."""
+    proc = model.require_processor()
+    q_ids, q_mask = proc.qformer_text(prompts)
+    ids, mask = proc.prompts(prompts, side="left")
+    queries = model.query_embeds(feats.embeds, q_ids, q_mask)
+    inputs, full_mask, _ = model.llm_inputs(queries, ids, mask)
+    return inputs, full_mask
+
+
+def _as_list(prompts: Any) -> list[str]:
+    if isinstance(prompts, str):
+        return [prompts]
+    if prompts is None:
+        raise ValueError("prompts are required")
+    prompts = list(prompts)
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("prompts must be strings")
+    return prompts
+
+
+@torch.inference_mode()
+def generate(
+    model: Any,
+    images: Any = None,
+    prompts: str | Sequence[str] | None = None,
+    num_beams: int = 5,
+    max_length: int = 256,
+    min_length: int = 1,
+    max_new_tokens: int | None = None,
+    min_new_tokens: int | None = None,
+    repetition_penalty: float = 1.5,
+    length_penalty: float = 1.0,
+    do_sample: bool = False,
+    top_p: float = 0.9,
+    temperature: float = 1.0,
+    num_return_sequences: int = 1,
+    batch_size: int | None = None,
+    seed: int | None = None,
+    **extra: Any,
+) -> list[str]:
+    """Answers for `prompts` (one per prompt, times `num_return_sequences`), LAVIS defaults.
+
+    `images`: one image for all prompts, one per prompt, a `[B,3,S,S]` tensor, or `ImageFeatures`
+    from `encode_images`. `max_new_tokens` overrides LAVIS's `max_length` (which counts a dummy
+    start token: 255 new tokens by default). `batch_size` splits long prompt lists.
+    """
+    prompts = _as_list(prompts)
+    feats = features_for(model, images, len(prompts))
+    if seed is not None:
+        torch.manual_seed(seed)
+    gen = _generation_kwargs(model, num_beams, max_length, min_length, max_new_tokens, min_new_tokens,
+                             repetition_penalty, length_penalty, do_sample, top_p, temperature,
+                             num_return_sequences, **extra)
+    proc = model.require_processor()
+    return [proc.decode(ids) for ids in generate_ids(model, feats, prompts, batch_size, gen)]
+
+
+def generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_size: int | None,
+                 gen: dict[str, Any]) -> list[list[int]]:
+    """New token ids per answer (before LAVIS's decoding rules), `batch_size` prompts per call."""
+    step = batch_size or len(prompts)
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), step):
+        part = prompts[i:i + step]
+        inputs, mask = llm_generate_inputs(model, feats.select(range(i, i + len(part))), part)
+        seqs = model.llm.generate(inputs_embeds=inputs, attention_mask=mask, **gen)
+        out.extend(row.tolist() for row in seqs)
+    return out
+
+
+class _QueueStreamer:
+    """transformers streamer protocol (`put`/`end`) feeding token ids to a queue."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue = queue.Queue()
+
+    def put(self, value: torch.Tensor) -> None:
+        ids = value.reshape(-1).tolist()
+        if ids:
+            self.q.put(ids)
+
+    def end(self) -> None:
+        self.q.put(None)
+
+
+def stream_text(decode, id_chunks: Iterator[list[int]]) -> Iterator[str]:
+    """Turn growing id lists into text deltas whose concatenation is `decode(all ids).strip()`.
+
+    Trailing whitespace and incomplete UTF-8 (byte-fallback pieces) are held back until more text
+    arrives, so no delta is ever taken back."""
+    ids: list[int] = []
+    emitted = ""
+    for chunk in id_chunks:
+        ids.extend(chunk)
+        text = decode(ids).lstrip()
+        safe = text.rstrip()
+        cut = safe.find("\ufffd")
+        if cut >= 0:
+            safe = safe[:cut]
+        if len(safe) > len(emitted) and safe.startswith(emitted):
+            yield safe[len(emitted):]
+            emitted = safe
+    final = decode(ids).strip()
+    if final.startswith(emitted):
+        if len(final) > len(emitted):
+            yield final[len(emitted):]
+    else:  # cannot happen for SentencePiece; keep the promise that the pieces join to the answer
+        raise RuntimeError("streamed text diverged from the final decoding")
+
+
+def generate_stream(model: Any, image: Any, prompt: str, num_beams: int = 1, **kwargs: Any) -> Iterator[str]:
+    """Yield text pieces as the model produces them; `"".join(...)` equals `generate(...)[0]`
+    with the same settings. Beam search cannot stream (its best beam is only known at the end)."""
+    if num_beams != 1:
+        raise ValueError("streaming works with num_beams=1 (greedy or sampling)")
+    if kwargs.get("num_return_sequences", 1) != 1:
+        raise ValueError("streaming returns one sequence")
+    streamer = _QueueStreamer()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            generate(model, images=image, prompts=[prompt], num_beams=1, streamer=streamer, **kwargs)
+        except BaseException as e:  # surfaced in the caller's thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+
+    def chunks() -> Iterator[list[int]]:
+        while (ids := streamer.q.get()) is not None:
+            yield ids
+
+    proc = model.require_processor()
+    yield from stream_text(proc.llm_tokenizer.decode, chunks())
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@torch.inference_mode()
+def rank(model: Any, image: Any, prompt: str, candidates: Sequence[str], normalize: bool = False,
+         batch_size: int = 32) -> list[tuple[str, float]]:
+    """Score each candidate answer by its log-likelihood after the prompt (LAVIS `predict_class`)
+    and return `(candidate, score)` sorted best first.
+
+    LAVIS ranks by the LM loss averaged over the padded length of a candidate batch, i.e. by the
+    *sum* of the candidate tokens' log-probabilities (`normalize=False`, the default); with
+    `normalize=True` the score is the mean per token. Candidates are scored without a closing `</s>`.
+    """
+    candidates = list(candidates)
+    if not candidates:
+        raise ValueError("no candidates to rank")
+    proc = model.require_processor()
+    tok = proc.llm_tokenizer
+    feats = features_for(model, image, 1)
+    prompt_ids = tok.encode(prompt)
+    q_ids, q_mask = proc.qformer_text([prompt])
+    queries = model.query_embeds(feats.embeds, q_ids, q_mask)  # [1, Q, D]: the instruction is shared
+    scores: list[float] = []
+    for s in range(0, len(candidates), batch_size):
+        part = candidates[s:s + batch_size]
+        cand_ids = [tok.encode(c, bos=False) for c in part]
+        seqs = [prompt_ids + c for c in cand_ids]
+        labels = [[IGNORE_INDEX] * len(prompt_ids) + c for c in cand_ids]
+        ids, mask = pad_batch(seqs, tok.pad_id, "right")
+        lab, _ = pad_batch(labels, IGNORE_INDEX, "right")
+        inputs, full_mask, pos = model.llm_inputs(queries.expand(len(part), -1, -1), ids, mask)
+        logits = model.llm(inputs_embeds=inputs, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
+        Q = queries.shape[1]
+        logp = logits[:, Q:-1].float().log_softmax(-1)  # predicts text positions 1..L-1
+        target = lab[:, 1:].to(logp.device)
+        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != IGNORE_INDEX)
+        total = picked.sum(-1)
+        counts = (target != IGNORE_INDEX).sum(-1).clamp(min=1)
+        scores.extend((total / counts if normalize else total).tolist())
+    return sorted(zip(candidates, scores), key=lambda cs: -cs[1])

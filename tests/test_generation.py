@@ -1,0 +1,266 @@
+"""Generation against independent references: a hand-rolled greedy loop over `model(...)` logits,
+transformers' beam search on hand-built embeddings, and cross-checks between the serving paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from somelvlm import SoMeLVLM
+from somelvlm.generation import (LavisRepetitionPenalty, _generation_kwargs, encode_images, features_for,
+                                 generate_ids, stream_text)
+from somelvlm.processing import SAMPLE_IMAGE, asset_path
+
+IMG = str(asset_path(SAMPLE_IMAGE))
+PROMPTS = ["What is in the image?", "Is this post hateful?", "Describe the sentiment.", "a",
+           "Who posted this? Options: [male, female]", "Which hashtag fits? Choices: [#cat, #dog]",
+           "Is this news true or false?", "Explain the user's personality in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny model with an eos row that sometimes wins, so sequences end at different lengths."""
+    m = SoMeLVLM.from_config("tiny")
+    with torch.no_grad():
+        feats = features_for(m, IMG, len(PROMPTS))
+        from somelvlm.generation import llm_generate_inputs
+
+        E, M = llm_generate_inputs(m, feats, PROMPTS)
+        h = m.llm.model(inputs_embeds=E, attention_mask=M).last_hidden_state[:, -1]
+        top = m.llm.lm_head(h).max(-1).values.mean()
+        hbar = h.mean(0)
+        m.llm.lm_head.weight[2] = hbar / (hbar @ hbar) * top * 0.9
+    return m
+
+
+def gen_ids(m, prompts, image=IMG, **kw):
+    kw = {**dict(num_beams=1, max_length=256, min_length=1, max_new_tokens=16, min_new_tokens=None,
+                 repetition_penalty=1.5, length_penalty=1.0, do_sample=False, top_p=0.9, temperature=1.0,
+                 num_return_sequences=1), **kw}
+    return generate_ids(m, features_for(m, image, len(prompts)), prompts, None, _generation_kwargs(m, **kw))
+
+
+def strip_tail(ids: list[int], eos: int = 2, pad: int = 2000) -> list[int]:
+    out = []
+    for i in ids:
+        if i in (eos, pad):
+            break
+        out.append(i)
+    return out
+
+
+def reference_greedy(m, prompt: str, steps: int, penalty: float = 1.5) -> list[int]:
+    """LAVIS greedy with transformers 4.33 semantics, one full forward per step, no cache: the
+    repetition penalty covers the dummy start id 1 and the generated ids, never the prompt."""
+    proc = m.processor
+    px = proc.images([IMG])
+    q_ids, q_mask = proc.qformer_text([prompt])
+    prompt_ids = proc.llm_tokenizer.encode(prompt)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            ids = torch.tensor([prompt_ids + out])
+            logits = m(pixel_values=px, input_ids=ids, qformer_input_ids=q_ids, qformer_attention_mask=q_mask).logits[0, -1]
+            for t in set([1] + out):
+                logits[t] = logits[t] * penalty if logits[t] < 0 else logits[t] / penalty
+            nxt = int(logits.argmax())
+            if nxt == 2:
+                break
+            out.append(nxt)
+    return out
+
+
+def test_greedy_equals_hand_rolled_loop(model):
+    got = gen_ids(model, PROMPTS)
+    ended_early = 0
+    for p, ids in zip(PROMPTS, got):
+        ref = reference_greedy(model, p, 16)
+        assert strip_tail(ids) == ref, p
+        ended_early += len(ref) < 16
+    assert 0 < ended_early < len(PROMPTS)  # the fixture really exercises eos and padding
+
+
+def test_repetition_penalty_matches_4_33_rule():
+    scores = torch.tensor([[2.0, -1.0, 3.0, -4.0, 0.5]])
+    generated = torch.tensor([[3, 3, 4]])
+    out = LavisRepetitionPenalty(2.0)(generated, scores.clone())
+    assert out.tolist() == [[2.0, -2.0, 3.0, -8.0, 0.25]]  # ids 1 (dummy), 3, 4 penalised; 0, 2 untouched
+
+
+def test_beam_equals_transformers_generate_on_same_embeddings(model):
+    """Our inputs layout, built here by hand: [queries][left pads][</s> prompt], mask zeros in the middle."""
+    from transformers import GenerationConfig
+
+    proc = model.processor
+    prompts = PROMPTS[:4]
+    with torch.no_grad():
+        image_embeds = model.encode_image(proc.images([IMG])).expand(len(prompts), -1, -1)
+        q_ids, q_mask = proc.qformer_text(prompts)
+        queries = model.query_embeds(image_embeds, q_ids, q_mask)
+        seqs = [proc.llm_tokenizer.encode(p) for p in prompts]
+        width = max(map(len, seqs))
+        ids = torch.tensor([[2000] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        E = torch.cat([queries, model.llm.get_input_embeddings()(ids)], 1)
+        M = torch.cat([torch.ones(len(prompts), queries.shape[1], dtype=torch.long), mask], 1)
+        ref = model.llm.generate(inputs_embeds=E, attention_mask=M, logits_processor=[LavisRepetitionPenalty(1.5)],
+                                 generation_config=GenerationConfig(num_beams=5, max_new_tokens=12, length_penalty=1.0,
+                                                                    eos_token_id=2, pad_token_id=2000, do_sample=False))
+    got = gen_ids(model, prompts, num_beams=5, max_new_tokens=12)
+    assert [strip_tail(r) for r in ref.tolist()] == [strip_tail(g) for g in got]
+    texts = model.generate(IMG, prompts, max_new_tokens=12)  # LAVIS defaults otherwise: 5 beams, penalty 1.5
+    assert texts == [proc.decode(r) for r in ref.tolist()]
+
+
+@pytest.mark.parametrize("beams", [1, 5])
+def test_batched_equals_one_by_one(model, beams):
+    batched = model.generate(IMG, PROMPTS, num_beams=beams, max_new_tokens=10)
+    single = [model.generate(IMG, [p], num_beams=beams, max_new_tokens=10)[0] for p in PROMPTS]
+    assert batched == single
+
+
+def test_mixed_images_batch_equals_one_by_one(model, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    other = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(other)
+    images = [IMG, str(other), IMG, str(other)]
+    batched = model.generate(images, PROMPTS[:4], num_beams=1, max_new_tokens=10)
+    single = [model.generate(im, [p], num_beams=1, max_new_tokens=10)[0] for im, p in zip(images, PROMPTS[:4])]
+    assert batched == single
+    forced = dict(num_beams=1, max_new_tokens=10, min_length=6)  # non-empty answers
+    assert model.generate(IMG, [PROMPTS[0]], **forced) != model.generate(str(other), [PROMPTS[0]], **forced)
+
+
+def test_encode_once_equals_per_prompt(model, monkeypatch):
+    calls = []
+    real = model.vision.forward
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return real(x)
+
+    monkeypatch.setattr(model.vision, "forward", counting)
+    feats = model.encode_images(IMG)
+    assert len(feats) == 1 and calls == [1]
+    once = model.generate(feats, PROMPTS, num_beams=5, max_new_tokens=8)
+    assert calls == [1]  # the vision tower ran once for 8 prompts
+    per_prompt = [model.generate(IMG, [p], num_beams=5, max_new_tokens=8)[0] for p in PROMPTS]
+    assert once == per_prompt
+    calls.clear()
+    model.generate(IMG, PROMPTS, num_beams=1, max_new_tokens=2)  # a single image for many prompts
+    assert calls == [1]
+    calls.clear()
+    model.generate([IMG] * 8, PROMPTS, num_beams=1, max_new_tokens=2)  # the same path repeated
+    assert calls == [1]
+
+
+def test_tensor_images_accepted(model):
+    px = model.processor.images([IMG, IMG])
+    assert model.generate(px, PROMPTS[:2], num_beams=1, max_new_tokens=6) == \
+        model.generate(IMG, PROMPTS[:2], num_beams=1, max_new_tokens=6)
+    with pytest.raises(ValueError, match="3 images for 2 prompts"):
+        model.generate([IMG] * 3, PROMPTS[:2])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(do_sample=True, seed=3, top_p=0.8)])
+def test_streaming_equals_non_streaming(model, kw):
+    for p in PROMPTS[:4]:
+        pieces = list(model.generate_stream(IMG, p, max_new_tokens=14, **kw))
+        assert "".join(pieces) == model.generate(IMG, [p], num_beams=1, max_new_tokens=14, **kw)[0]
+    with pytest.raises(ValueError, match="num_beams=1"):
+        next(model.generate_stream(IMG, "x", num_beams=5))
+
+
+def test_stream_text_never_takes_back():
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(asset_path("tiny-llm-tokenizer.model")))
+    text = "  Hello  wörld 🙂 #tag 42  "
+    ids = sp.encode(text)
+    pieces = list(stream_text(sp.decode, ([i] for i in ids)))
+    assert "".join(pieces) == sp.decode(ids).strip()
+    assert all(p for p in pieces) and "\ufffd" not in "".join(pieces)
+
+
+def test_sampling_is_seeded(model):
+    a = model.generate(IMG, PROMPTS[:2], num_beams=1, do_sample=True, seed=5, max_new_tokens=8)
+    b = model.generate(IMG, PROMPTS[:2], num_beams=1, do_sample=True, seed=5, max_new_tokens=8)
+    c = model.generate(IMG, PROMPTS[:2], num_beams=1, do_sample=True, seed=6, max_new_tokens=8)
+    assert a == b and a != c
+
+
+def test_lavis_length_semantics(model):
+    assert len(strip_tail(gen_ids(model, ["a"], max_new_tokens=None, max_length=6, repetition_penalty=1.0)[0])) <= 5
+    ids = gen_ids(model, PROMPTS, max_new_tokens=None, max_length=12, min_length=9)
+    assert all(len(strip_tail(x)) >= 8 for x in ids)  # LAVIS min_length counts the dummy start id
+
+
+def test_rank_matches_hand_computed_log_likelihood(model):
+    prompt = "Is the user likely to be male or female? Pick your answer from [male, female]."
+    cands = ["male", "female", "neither of them"]
+    ranked = model.rank(IMG, prompt, cands)
+    assert [c for c, _ in ranked] == sorted(cands, key=lambda c: -dict(ranked)[c])
+    tok = model.processor.llm_tokenizer
+    px = model.processor.images([IMG])
+    q_ids, q_mask = model.processor.qformer_text([prompt])
+    p_ids = tok.encode(prompt)
+    for cand, score in ranked:
+        c_ids = tok.encode(cand, bos=False)
+        with torch.no_grad():
+            logits = model(pixel_values=px, input_ids=torch.tensor([p_ids + c_ids]), qformer_input_ids=q_ids,
+                           qformer_attention_mask=q_mask).logits[0]
+        logp = logits.log_softmax(-1)
+        Q = 8
+        want = sum(float(logp[Q + len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids))
+        assert score == pytest.approx(want, abs=1e-4), cand
+    norm = dict(model.rank(IMG, prompt, cands, normalize=True))
+    assert norm["neither of them"] == pytest.approx(dict(ranked)["neither of them"] / len(tok.encode("neither of them", bos=False)), abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_precisions_run_without_dtype_errors(dtype, tmp_path):
+    m = SoMeLVLM.from_config("tiny")
+    m.save_pretrained(tmp_path / "m")
+    for model in (SoMeLVLM.from_pretrained(tmp_path / "m", dtype=dtype), SoMeLVLM.from_config("tiny").to(dtype)):
+        out = model.generate(IMG, PROMPTS[:2], max_new_tokens=4)
+        assert len(out) == 2 and all(isinstance(o, str) for o in out)
+        assert list(model.generate_stream(IMG, "hi", max_new_tokens=3)) is not None
+        assert len(model.rank(IMG, "x?", ["a", "b"])) == 2
+        loss = model.compute_loss(images=[IMG], prompts=["q"], answers=["a"])
+        assert torch.isfinite(loss)
+        emb = model.encode_images(IMG).embeds
+        assert emb.dtype == torch.float32  # ln_vision always computes (and returns) fp32
+
+
+def test_bf16_outputs_close_to_fp32(tmp_path):
+    m = SoMeLVLM.from_config("tiny")
+    px = m.processor.images([IMG])
+    ids, mask = m.processor.prompts(["What is this?"])
+    q, qm = m.processor.qformer_text(["What is this?"])
+    with torch.no_grad():
+        a = m(pixel_values=px, input_ids=ids, qformer_input_ids=q, qformer_attention_mask=qm).logits
+        m.to_dtype(torch.bfloat16)
+        b = m(pixel_values=px, input_ids=ids, qformer_input_ids=q, qformer_attention_mask=qm).logits
+    assert b.dtype == torch.bfloat16
+    assert_close(b.float(), a, atol=0.05, rtol=0.05)  # bf16 has ~3 significant digits
+
+
+def test_errors_are_clear(model):
+    with pytest.raises(ValueError, match="images are required"):
+        model.generate(None, ["x"])
+    with pytest.raises(TypeError, match="prompts must be strings"):
+        model.generate(IMG, [1])
+    bare = SoMeLVLM(model.config)
+    with pytest.raises(RuntimeError, match="no tokenizers"):
+        bare.generate(IMG, ["x"])
+    with pytest.raises(FileNotFoundError, match="image not found"):
+        model.generate("/nonexistent.jpg", ["x"])
+
+
+def test_encode_images_batches(model):
+    feats = encode_images(model, [IMG] * 5, batch_size=2)
+    assert len(feats) == 5 and feats.embeds.shape[1:] == (17, 48)
+    assert len(feats.select([0, 0, 4])) == 3
