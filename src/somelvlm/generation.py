@@ -11,13 +11,12 @@ become 2, special ids are skipped, and the text is stripped.
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from .decoding import LlamaDecoder, SamplingSettings, supports
 from .processing import IGNORE_INDEX, pad_batch
 
 DUMMY_START_ID = 1  # the Vicuna generation_config's bos, which transformers 4.33 put in front of outputs
@@ -108,22 +107,31 @@ class LavisRepetitionPenalty:
         return scores.scatter(1, ids, picked)
 
 
+def new_token_limits(max_length: int, min_length: int, max_new_tokens: int | None,
+                     min_new_tokens: int | None) -> tuple[int, int]:
+    """LAVIS's `max_length`/`min_length` count the dummy start token; explicit `*_new_tokens` win."""
+    if max_new_tokens is None:
+        max_new_tokens = max_length - 1
+    if min_new_tokens is None:
+        min_new_tokens = max(min_length - 1, 0)
+    if max_new_tokens < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens}")
+    return max_new_tokens, min_new_tokens
+
+
 def _generation_kwargs(model: Any, num_beams: int, max_length: int, min_length: int,
                        max_new_tokens: int | None, min_new_tokens: int | None, repetition_penalty: float,
                        length_penalty: float, do_sample: bool, top_p: float, temperature: float,
-                       num_return_sequences: int, **extra: Any) -> dict[str, Any]:
+                       num_return_sequences: int, top_k: int = 50, **extra: Any) -> dict[str, Any]:
     from transformers import GenerationConfig, LogitsProcessorList
 
     llm = model.config.llm
-    if max_new_tokens is None:
-        max_new_tokens = max_length - 1  # LAVIS: max_length counts the dummy start token
-    if min_new_tokens is None:
-        min_new_tokens = max(min_length - 1, 0)
+    max_new_tokens, min_new_tokens = new_token_limits(max_length, min_length, max_new_tokens, min_new_tokens)
     cfg = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                length_penalty=length_penalty, do_sample=do_sample, num_return_sequences=num_return_sequences,
                eos_token_id=llm.eos_id, pad_token_id=llm.pad_id, bos_token_id=DUMMY_START_ID, use_cache=True)
     if do_sample:
-        cfg.update(top_p=top_p, temperature=temperature, top_k=0)
+        cfg.update(top_p=top_p, temperature=temperature, top_k=top_k)
     direct = {k: extra.pop(k) for k in _GENERATE_ARGS if k in extra}
     cfg.update(extra)
     processors = LogitsProcessorList(direct.pop("logits_processor", None) or [])
@@ -171,27 +179,61 @@ def generate(
     length_penalty: float = 1.0,
     do_sample: bool = False,
     top_p: float = 0.9,
+    top_k: int = 50,
     temperature: float = 1.0,
     num_return_sequences: int = 1,
     batch_size: int | None = None,
     seed: int | None = None,
+    fast: bool = True,
     **extra: Any,
 ) -> list[str]:
     """Answers for `prompts` (one per prompt, times `num_return_sequences`), LAVIS defaults.
 
     `images`: one image for all prompts, one per prompt, a `[B,3,S,S]` tensor, or `ImageFeatures`
     from `encode_images`. `max_new_tokens` overrides LAVIS's `max_length` (which counts a dummy
-    start token: 255 new tokens by default). `batch_size` splits long prompt lists.
+    start token: 255 new tokens by default). `batch_size` splits long prompt lists. Greedy and
+    sampling (`num_beams=1`) run on somelvlm's lean decoder (`fast=False`: transformers' generate);
+    beam search runs on transformers' generate. `top_k=50` is transformers 4.33's default, which
+    LAVIS sampling used.
     """
     prompts = _as_list(prompts)
     feats = features_for(model, images, len(prompts))
     if seed is not None:
         torch.manual_seed(seed)
-    gen = _generation_kwargs(model, num_beams, max_length, min_length, max_new_tokens, min_new_tokens,
-                             repetition_penalty, length_penalty, do_sample, top_p, temperature,
-                             num_return_sequences, **extra)
     proc = model.require_processor()
-    return [proc.decode(ids) for ids in generate_ids(model, feats, prompts, batch_size, gen)]
+    if fast and num_beams == 1 and num_return_sequences == 1 and not extra and supports(model.llm):
+        settings = sampling_settings(model, max_length, min_length, max_new_tokens, min_new_tokens,
+                                     repetition_penalty, do_sample, top_p, top_k, temperature)
+        ids = fast_generate_ids(model, feats, prompts, batch_size, settings)
+    else:
+        gen = _generation_kwargs(model, num_beams, max_length, min_length, max_new_tokens, min_new_tokens,
+                                 repetition_penalty, length_penalty, do_sample, top_p, temperature,
+                                 num_return_sequences, top_k=top_k, **extra)
+        ids = generate_ids(model, feats, prompts, batch_size, gen)
+    return [proc.decode(row) for row in ids]
+
+
+def sampling_settings(model: Any, max_length: int = 256, min_length: int = 1, max_new_tokens: int | None = None,
+                      min_new_tokens: int | None = None, repetition_penalty: float = 1.5, do_sample: bool = False,
+                      top_p: float = 0.9, top_k: int = 50, temperature: float = 1.0) -> SamplingSettings:
+    max_new, min_new = new_token_limits(max_length, min_length, max_new_tokens, min_new_tokens)
+    llm = model.config.llm
+    return SamplingSettings(max_new_tokens=max_new, min_new_tokens=min_new, repetition_penalty=repetition_penalty,
+                            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                            eos_id=llm.eos_id, pad_id=llm.pad_id, dummy_id=DUMMY_START_ID)
+
+
+def fast_generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_size: int | None,
+                      settings: SamplingSettings) -> list[list[int]]:
+    decoder = LlamaDecoder(model.llm)
+    step = batch_size or len(prompts)
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), step):
+        part = prompts[i:i + step]
+        inputs, mask = llm_generate_inputs(model, feats.select(range(i, i + len(part))), part)
+        tokens = torch.stack(list(decoder.decode(inputs, mask, settings)), dim=1)  # [B, new]
+        out.extend(row.tolist() for row in tokens)
+    return out
 
 
 def generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_size: int | None,
@@ -205,21 +247,6 @@ def generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_siz
         seqs = model.llm.generate(inputs_embeds=inputs, attention_mask=mask, **gen)
         out.extend(row.tolist() for row in seqs)
     return out
-
-
-class _QueueStreamer:
-    """transformers streamer protocol (`put`/`end`) feeding token ids to a queue."""
-
-    def __init__(self) -> None:
-        self.q: queue.Queue = queue.Queue()
-
-    def put(self, value: torch.Tensor) -> None:
-        ids = value.reshape(-1).tolist()
-        if ids:
-            self.q.put(ids)
-
-    def end(self) -> None:
-        self.q.put(None)
 
 
 def stream_text(decode, id_chunks: Iterator[list[int]]) -> Iterator[str]:
@@ -252,30 +279,21 @@ def generate_stream(model: Any, image: Any, prompt: str, num_beams: int = 1, **k
     with the same settings. Beam search cannot stream (its best beam is only known at the end)."""
     if num_beams != 1:
         raise ValueError("streaming works with num_beams=1 (greedy or sampling)")
-    if kwargs.get("num_return_sequences", 1) != 1:
-        raise ValueError("streaming returns one sequence")
-    streamer = _QueueStreamer()
-    errors: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            generate(model, images=image, prompts=[prompt], num_beams=1, streamer=streamer, **kwargs)
-        except BaseException as e:  # surfaced in the caller's thread
-            errors.append(e)
-            streamer.end()
-
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-
-    def chunks() -> Iterator[list[int]]:
-        while (ids := streamer.q.get()) is not None:
-            yield ids
-
+    unknown = set(kwargs) - {"max_length", "min_length", "max_new_tokens", "min_new_tokens", "repetition_penalty",
+                             "do_sample", "top_p", "top_k", "temperature", "seed", "length_penalty"}
+    if unknown:
+        raise TypeError(f"generate_stream got unsupported arguments {sorted(unknown)}")
+    kwargs.pop("length_penalty", None)  # no effect without beams
+    seed = kwargs.pop("seed", None)
     proc = model.require_processor()
-    yield from stream_text(proc.llm_tokenizer.decode, chunks())
-    thread.join()
-    if errors:
-        raise errors[0]
+    feats = features_for(model, image, 1)
+    if seed is not None:
+        torch.manual_seed(seed)
+    settings = sampling_settings(model, **kwargs)
+    with torch.inference_mode():
+        inputs, mask = llm_generate_inputs(model, feats, [prompt])
+        steps = LlamaDecoder(model.llm).decode(inputs, mask, settings)
+        yield from stream_text(proc.llm_tokenizer.decode, ([int(t[0])] for t in steps))
 
 
 @torch.inference_mode()

@@ -1,0 +1,171 @@
+"""A lean greedy/sampling decoder over the weights of a `transformers.LlamaForCausalLM`.
+
+`transformers`' `generate` spends most of a decode step on bookkeeping (generation config and
+logits-processor plumbing, cache objects, mask construction) that a batch of one image and a few
+prompts does not need. This module runs the same math — the model's own RMSNorm, rotary, MLP and
+projection modules, SDPA attention — over a preallocated KV cache, and reproduces `generate`'s
+greedy and sampling semantics (LAVIS repetition penalty, min/max new tokens, temperature, top-k,
+top-p, eos handling, pad after eos). Beam search stays on `transformers`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SamplingSettings:
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    repetition_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    eos_id: int = 2
+    pad_id: int = 0
+    dummy_id: int | None = 1  # LAVIS: the repetition penalty also covers this id (transformers 4.33)
+
+
+def supports(llm) -> bool:
+    """Whether `llm` is a plain LLaMA this decoder reproduces (default RoPE, no biases, no sliding window)."""
+    cfg = llm.config
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    return (getattr(cfg, "model_type", "") == "llama" and rope.get("rope_type", "default") == "default"
+            and not getattr(cfg, "attention_bias", False) and not getattr(cfg, "mlp_bias", False)
+            and getattr(cfg, "pretraining_tp", 1) == 1 and cfg.hidden_act == "silu")
+
+
+class KVCache:
+    """Per-layer `[B, kv_heads, capacity, head_dim]` keys and values, filled left to right."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.length = 0
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class LlamaDecoder:
+    """Runs a `LlamaForCausalLM`'s layers with a `KVCache`; see module doc."""
+
+    def __init__(self, llm) -> None:
+        if not supports(llm):
+            raise ValueError("this LLM is not a plain LLaMA; use transformers' generate")
+        self.llm = llm
+        cfg = llm.config
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = self.head_dim**-0.5
+
+    def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        return KVCache(len(self.llm.model.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, key_mask: torch.Tensor) -> torch.Tensor:
+        """`x [B, T, D]` embeddings at `positions [B, T]`, appended to `cache`; `key_mask [B, cache.length+T]`
+        marks real (non-pad) keys. Returns the last position's logits `[B, V]` in fp32."""
+        model = self.llm.model
+        B, T, _ = x.shape
+        start, end = cache.length, cache.length + T
+        cos, sin = model.rotary_emb(x, positions)  # [B, T, head_dim]
+        cos, sin = cos[:, None], sin[:, None]
+        if T == 1 and bool(key_mask.all()):
+            mask, causal = None, False
+        elif bool(key_mask.all()) and start == 0:
+            mask, causal = None, True
+        else:
+            idx = torch.arange(end, device=x.device)
+            allowed = idx[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # [T, end]
+            mask, causal = (allowed[None] & key_mask[:, None, :].bool())[:, None], False  # [B, 1, T, end]
+        groups = self.heads // self.kv_heads
+        for i, layer in enumerate(model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, T, self.heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.k[i][:, :, start:end] = k
+            cache.v[i][:, :, start:end] = v
+            keys, values = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        cache.length = end
+        return self.llm.lm_head(model.norm(x[:, -1:]))[:, 0].float()
+
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               s: SamplingSettings) -> Iterator[torch.Tensor]:
+        """Yield the next token ids `[B]` step by step (pad for rows that already ended)."""
+        B, L, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+        cache = self.new_cache(B, L + s.max_new_tokens, inputs_embeds.dtype, device)
+        mask = attention_mask.to(device).long()
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+        logits = self.forward(inputs_embeds, positions, cache, mask)
+        next_pos = positions[:, -1:] + 1
+        unfinished = torch.ones(B, dtype=torch.bool, device=device)
+        generated = torch.empty(B, 0, dtype=torch.long, device=device)
+        embed = self.llm.get_input_embeddings()
+        for step in range(s.max_new_tokens):
+            scores = process_scores(logits, generated, step, s)
+            if s.do_sample:
+                nxt = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+            else:
+                nxt = scores.argmax(dim=-1)
+            nxt = torch.where(unfinished, nxt, torch.full_like(nxt, s.pad_id))
+            yield nxt
+            generated = torch.cat([generated, nxt[:, None]], dim=1)
+            unfinished &= nxt != s.eos_id
+            if not bool(unfinished.any()) or step + 1 == s.max_new_tokens:
+                return
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            logits = self.forward(embed(nxt[:, None]), next_pos, cache, mask)
+            next_pos = next_pos + 1
+
+
+def process_scores(logits: torch.Tensor, generated: torch.Tensor, step: int, s: SamplingSettings) -> torch.Tensor:
+    """`generate`'s logits processors and warpers, in its order: repetition penalty, min new tokens,
+    then (sampling) temperature, top-k, top-p."""
+    scores = logits
+    if s.repetition_penalty != 1.0:
+        ids = generated
+        if s.dummy_id is not None:
+            ids = torch.cat([generated.new_full((generated.shape[0], 1), s.dummy_id), generated], dim=1)
+        picked = scores.gather(1, ids)
+        picked = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
+        scores = scores.scatter(1, ids, picked)
+    if step < s.min_new_tokens:
+        scores = scores.clone()
+        scores[:, s.eos_id] = -float("inf")
+    if not s.do_sample:
+        return scores
+    if s.temperature != 1.0:
+        scores = scores / s.temperature
+    if s.top_k and s.top_k > 0:
+        k = min(s.top_k, scores.shape[-1])
+        kth = torch.topk(scores, k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if s.top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        remove = cum <= (1 - s.top_p)
+        remove[..., -1:] = False  # keep at least one token
+        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
+    return scores
