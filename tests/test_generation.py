@@ -303,3 +303,21 @@ def test_lean_decoder_logits_match_hf_forward(model):
         M2 = torch.cat([M, M.new_ones(3, 1)], 1)
         ref2 = model.llm(inputs_embeds=E2, attention_mask=M2, position_ids=(M2.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
         assert_close(step, ref2, atol=1e-5, rtol=1e-5)
+
+
+def test_row_prefill_equals_padded_prefill(model):
+    """Skipping the pads in prefill (used for batches with much padding) changes nothing."""
+    from somelvlm.decoding import LlamaDecoder
+    from somelvlm.generation import llm_generate_inputs
+
+    with torch.no_grad():
+        E, M = llm_generate_inputs(model, features_for(model, IMG, 4), ["a", PROMPTS[4], "b c", PROMPTS[7]])
+        assert M.sum() < 0.8 * M.numel()
+        dec = LlamaDecoder(model.llm)
+        padded, rows = (dec.new_cache(4, E.shape[1] + 1, E.dtype, E.device) for _ in range(2))
+        a = dec.forward(E, (M.cumsum(-1) - 1).clamp(min=0), padded, M)
+        b = dec.prefill_rows(E, M, rows)
+        assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for i in range(len(padded.k)):
+            real = M.bool()[:, None, :, None].expand_as(padded.k[i][:, :, :E.shape[1]])
+            assert_close(padded.k[i][:, :, :E.shape[1]][real], rows.k[i][:, :, :E.shape[1]][real], atol=1e-5, rtol=1e-5)

@@ -46,8 +46,8 @@ class KVCache:
     def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]  # finite in pad slots
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.length = 0
 
 
@@ -72,24 +72,13 @@ class LlamaDecoder:
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(len(self.llm.model.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
 
-    @torch.inference_mode()
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, key_mask: torch.Tensor) -> torch.Tensor:
-        """`x [B, T, D]` embeddings at `positions [B, T]`, appended to `cache`; `key_mask [B, cache.length+T]`
-        marks real (non-pad) keys. Returns the last position's logits `[B, V]` in fp32."""
+    def _run(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """The decoder layers on `x [B, T, D]`; `attend(layer_index, q, k, v)` does the attention
+        (and the cache bookkeeping). Returns the last position's logits `[B, V]` in fp32."""
         model = self.llm.model
         B, T, _ = x.shape
-        start, end = cache.length, cache.length + T
         cos, sin = model.rotary_emb(x, positions)  # [B, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]
-        if T == 1 and bool(key_mask.all()):
-            mask, causal = None, False
-        elif bool(key_mask.all()) and start == 0:
-            mask, causal = None, True
-        else:
-            idx = torch.arange(end, device=x.device)
-            allowed = idx[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # [T, end]
-            mask, causal = (allowed[None] & key_mask[:, None, :].bool())[:, None], False  # [B, 1, T, end]
-        groups = self.heads // self.kv_heads
         for i, layer in enumerate(model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
@@ -98,17 +87,59 @@ class LlamaDecoder:
             v = attn.v_proj(h).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.k[i][:, :, start:end] = k
-            cache.v[i][:, :, start:end] = v
-            keys, values = cache.k[i][:, :, :end], cache.v[i][:, :, :end]
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=self.scale)
+            out = attend(i, q, k, v)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        cache.length = end
         return self.llm.lm_head(model.norm(x[:, -1:]))[:, 0].float()
+
+    def _sdpa(self, q, k, v, mask, causal):
+        groups = self.heads // self.kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, key_mask: torch.Tensor) -> torch.Tensor:
+        """`x [B, T, D]` embeddings at `positions [B, T]`, appended to `cache`; `key_mask [B, cache.length+T]`
+        marks real (non-pad) keys. Returns the last position's logits `[B, V]` in fp32."""
+        T = x.shape[1]
+        start, end = cache.length, cache.length + T
+        if T == 1 and bool(key_mask.all()):
+            mask, causal = None, False
+        elif bool(key_mask.all()) and start == 0:
+            mask, causal = None, True
+        else:
+            idx = torch.arange(end, device=x.device)
+            allowed = idx[None, :] <= (start + torch.arange(T, device=x.device))[:, None]  # [T, end]
+            mask, causal = (allowed[None] & key_mask[:, None, :].bool())[:, None], False  # [B, 1, T, end]
+
+        def attend(i, q, k, v):
+            cache.k[i][:, :, start:end] = k
+            cache.v[i][:, :, start:end] = v
+            return self._sdpa(q, cache.k[i][:, :, :end], cache.v[i][:, :, :end], mask, causal)
+
+        logits = self._run(x, positions, attend)
+        cache.length = end
+        return logits
+
+    @torch.inference_mode()
+    def prefill_rows(self, x: torch.Tensor, key_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Prefill a padded batch one row at a time over its real tokens only (no compute on pads),
+        writing each row's keys/values at its padded slots. Same result as `forward` on the batch."""
+        logits = []
+        for b in range(x.shape[0]):
+            slots = key_mask[b].nonzero().squeeze(1)  # cache positions of the real tokens
+            xb = x[b:b + 1, slots]
+            pos = torch.arange(len(slots), device=x.device)[None]
+
+            def attend(i, q, k, v, b=b, slots=slots):
+                cache.k[i][b, :, slots] = k[0]
+                cache.v[i][b, :, slots] = v[0]
+                return self._sdpa(q, k, v, None, True)
+
+            logits.append(self._run(xb, pos, attend))
+        cache.length = x.shape[1]
+        return torch.cat(logits)
 
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                s: SamplingSettings) -> Iterator[torch.Tensor]:
@@ -118,7 +149,11 @@ class LlamaDecoder:
         cache = self.new_cache(B, L + s.max_new_tokens, inputs_embeds.dtype, device)
         mask = attention_mask.to(device).long()
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        logits = self.forward(inputs_embeds, positions, cache, mask)
+        real = int(mask.sum())
+        if B > 1 and real < 0.8 * mask.numel():  # much padding: skip computing it
+            logits = self.prefill_rows(inputs_embeds, mask, cache)
+        else:
+            logits = self.forward(inputs_embeds, positions, cache, mask)
         next_pos = positions[:, -1:] + 1
         unfinished = torch.ones(B, dtype=torch.bool, device=device)
         generated = torch.empty(B, 0, dtype=torch.long, device=device)
