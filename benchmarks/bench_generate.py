@@ -36,14 +36,13 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
 
 
 def worker(args: argparse.Namespace) -> dict:
-    from somelvlm import SoMeLVLM
+    from somelvlm import SoMeLVLM, SoMeLVLMProcessor
     from somelvlm.processing import SAMPLE_IMAGE, asset_path
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = args.device, DTYPES[args.dtype]
-    ours = SoMeLVLM.from_pretrained(args.work / "ours", dtype=dtype, device=device)
-    proc = ours.processor
+    proc = SoMeLVLMProcessor.from_pretrained(args.work / "ours")
     n = 1 if args.workload == "single" else args.prompts
     prompts = somedata_prompts(n)
     pixels = proc.images([str(asset_path(SAMPLE_IMAGE))]).to(device)
@@ -51,7 +50,6 @@ def worker(args: argparse.Namespace) -> dict:
     if args.impl == "hf":
         from transformers import InstructBlipForConditionalGeneration
 
-        del ours
         hf = InstructBlipForConditionalGeneration.from_pretrained(args.work / "hf", dtype=dtype).to(device).eval()
         q_ids, q_mask = proc.qformer_text(prompts)
         ids, mask = proc.prompts(prompts, side="left")
@@ -67,6 +65,7 @@ def worker(args: argparse.Namespace) -> dict:
                 return hf.generate(**batch, do_sample=False, num_beams=1, pad_token_id=proc.llm_tokenizer.pad_id,
                                    eos_token_id=2, **gen)
     else:
+        ours = SoMeLVLM.from_pretrained(args.work / "ours", dtype=dtype, device=device)
         images = pixels if args.impl == "ours" else pixels.expand(n, -1, -1, -1)
 
         def run():

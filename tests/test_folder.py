@@ -220,3 +220,22 @@ def test_corrupt_shard_and_bad_index_are_clear(converted, tmp_path):
     (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"query_tokens": "model-00001-of-00002.safetensors"}}))
     with pytest.raises(WeightsError, match=r"names shard\(s\) \['model-00001-of-00002.safetensors'\] that are missing"):
         SoMeLVLM.from_pretrained(bad)
+
+
+def test_hf_hub_layout_with_extra_vocab_rows(tmp_path, batch):
+    """Like Salesforce/instructblip-vicuna-7b: LLM vocab padded beyond pieces + [PAD] (32064 there)."""
+    from reference import hf_tiny_instructblip, set_pad_rows
+
+    from somelvlm.processing import BUNDLED_TINY_SPM, asset_path
+
+    hf = hf_tiny_instructblip(seed=4, llm_vocab=TINY_PIECES + 64)
+    set_pad_rows(hf)
+    hf.save_pretrained(tmp_path / "hub")
+    (tmp_path / "hub" / "tokenizer.model").write_bytes(asset_path(BUNDLED_TINY_SPM).read_bytes())
+    ours = SoMeLVLM.from_hf(tmp_path / "hub")
+    assert ours.llm.config.vocab_size == TINY_PIECES + 1 and ours.config.llm.pad_id == TINY_PIECES
+    with torch.no_grad():
+        theirs = hf(pixel_values=batch["pixel_values"], qformer_input_ids=batch["qformer_input_ids"],
+                    qformer_attention_mask=batch["qformer_attention_mask"],
+                    input_ids=hf_input_ids(8, batch["input_ids"])).logits
+    assert_close(logits(ours, batch), theirs[..., :TINY_PIECES + 1], atol=ATOL, rtol=RTOL)
