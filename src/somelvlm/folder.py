@@ -31,7 +31,7 @@ from .config import SoMeLVLMConfig
 from .loading import assign_state_dict, empty_model, parse_dtype
 from .model import target_dtype
 from .processing import SoMeLVLMProcessor
-from .weights import WeightsError
+from .weights import WeightsError, hf_weight_files
 
 log = logging.getLogger("somelvlm")
 
@@ -127,21 +127,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_bytes: 
 
 
 def safetensors_files(folder: Path) -> list[Path]:
-    index = folder / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise WeightsError(f"{index}: not a valid index file ({e})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (folder / f).is_file()]
-        if missing:
-            raise WeightsError(f"{index} names shard(s) {missing} that are missing from {folder}")
-        return [folder / f for f in files]
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise WeightsError(f"{folder}: no model.safetensors and no {INDEX_NAME}")
+    return hf_weight_files(folder, ("safetensors",))
 
 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, "Any", Path]]:

@@ -77,13 +77,15 @@ def unwrap_checkpoint(obj: Any, path: str | Path) -> StateDict:
     return dict(obj)
 
 
-def hf_weight_files(folder: str | Path) -> list[Path]:
-    """The weight files of a Hugging Face model folder (sharded with an index, or single)."""
+def hf_weight_files(folder: str | Path, formats: tuple[str, ...] = ("safetensors", "bin")) -> list[Path]:
+    """The weight files of a Hugging Face style folder: a sharded index or a single file, of the given
+    formats (`model.safetensors[.index.json]`, `pytorch_model.bin[.index.json]`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a folder")
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
+    names = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}
+    for fmt in formats:
+        index = folder / f"{names[fmt]}.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -92,14 +94,13 @@ def hf_weight_files(folder: str | Path) -> list[Path]:
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
-                raise WeightsError(f"{index}: names shard(s) {missing} that do not exist in {folder}")
+                raise WeightsError(f"{index} names shard(s) {missing} that are missing from {folder}")
             return [folder / f for f in files]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / single).is_file():
-            return [folder / single]
-    raise WeightsError(
-        f"{folder}: no weights found (expected model.safetensors, pytorch_model.bin, or a sharded index)"
-    )
+    for fmt in formats:
+        if (folder / names[fmt]).is_file():
+            return [folder / names[fmt]]
+    wanted = " or ".join(f"{names[f]} (or a sharded index)" for f in formats)
+    raise WeightsError(f"{folder}: no weights found (expected {wanted})")
 
 
 def iter_hf_weights(folder: str | Path) -> Iterator[tuple[str, Tensor, Path]]:
