@@ -42,6 +42,7 @@ PRESETS = {
     "vicuna7b": SoMeLVLMConfig.preset("vicuna7b"),
 }
 BATCH = {"tiny": 8, "mid": 2, "vicuna7b": 8}
+STEPS = {"tiny": 10, "mid": 2, "vicuna7b": 5}  # timed steps per round (keeps a CPU run of mid under a minute)
 PROMPT_LEN, ANSWER_LEN, QFORMER_LEN = 48, 24, 32
 
 
@@ -113,11 +114,11 @@ def eval_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], amp) -> fl
         return model(**batch).loss.item()
 
 
-def adamw(params: list[torch.nn.Parameter], names: list[str]) -> torch.optim.AdamW:
-    decay = [p for p, n in zip(params, names) if p.ndim >= 2 and not n.endswith(".bias")]
-    rest = [p for p, n in zip(params, names) if not (p.ndim >= 2 and not n.endswith(".bias"))]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}],
-                             lr=1e-5, betas=(0.9, 0.999))
+def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
+    """The trainer's optimizer: LAVIS's groups (no decay on 1-D parameters and biases)."""
+    from somelvlm.train.trainer import param_groups
+
+    return torch.optim.AdamW(param_groups(model, 0.05), lr=1e-5, betas=(0.9, 0.999), fused=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -130,12 +131,12 @@ def build_ours(preset: str, device: torch.device) -> SoMeLVLM:
 
 
 def run_ours(preset: str, device: torch.device, args: argparse.Namespace) -> dict:
-    from somelvlm.train.trainer import freeze_unused, param_groups, set_train_mode
+    from somelvlm.train.trainer import freeze_unused, set_train_mode
 
     model = build_ours(preset, device)
     model.apply_freeze_policy()
     freeze_unused(model)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-5, betas=(0.9, 0.999))
+    opt = adamw(model)
     batch = {k: v.to(device) for k, v in make_batch(model.config, args.batch_size).items()}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss = eval_loss(model, batch, amp)
@@ -156,33 +157,31 @@ def run_hf(preset: str, device: torch.device, args: argparse.Namespace) -> dict:
     from transformers import InstructBlipForConditionalGeneration
 
     cfg = PRESETS[preset]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = InstructBlipForConditionalGeneration.from_pretrained(args.hf_dir, dtype=dtype).to(device)
+    model = InstructBlipForConditionalGeneration.from_pretrained(args.hf_dir, dtype=torch.float32)
     model.vision_model.post_layernorm.eps = cfg.ln_vision_eps  # LAVIS's ln_vision eps (HF stores the ViT's)
     last = cfg.qformer.layers - 1
     dead = (f"qformer.encoder.layer.{last}.intermediate.", f"qformer.encoder.layer.{last}.output.")
-    names, params = [], []
     for n, p in model.named_parameters():
         train = n.startswith(("qformer.", "query_tokens", "language_projection.", "vision_model.post_layernorm."))
         train = train and not n.startswith(dead)  # never used by the loss (as in ours)
         p.requires_grad_(train)
-        if train:
-            p.data = p.data.float()  # trainable parameters in fp32, as ours
-            names.append(n)
-            params.append(p)
-    opt = adamw(params, names)
+        if not train and device.type == "cuda":
+            p.data = p.data.to(torch.bfloat16)  # frozen parts bf16, trainable ones fp32, as ours
+    model.to(device)
+    opt = adamw(model)
     batch_size = args.batch_size
     ours = make_batch(cfg, batch_size)
     Q = cfg.qformer.num_queries
     image_token = model.config.image_token_index
-    batch = {
-        "pixel_values": ours["pixel_values"].to(device, dtype),
-        "input_ids": torch.cat([torch.full((batch_size, Q), image_token), ours["input_ids"]], 1).to(device),
-        "attention_mask": torch.cat([torch.ones(batch_size, Q, dtype=torch.long), ours["attention_mask"]], 1).to(device),
-        "labels": torch.cat([torch.full((batch_size, Q), -100), ours["labels"]], 1).to(device),
-        "qformer_input_ids": ours["qformer_input_ids"].to(device),
-        "qformer_attention_mask": ours["qformer_attention_mask"].to(device),
+    batch = {  # transformers 5: Q <image> placeholders in front of the text, labels -100 there
+        "pixel_values": ours["pixel_values"],
+        "input_ids": torch.cat([torch.full((batch_size, Q), image_token), ours["input_ids"]], 1),
+        "attention_mask": torch.cat([torch.ones(batch_size, Q, dtype=torch.long), ours["attention_mask"]], 1),
+        "labels": torch.cat([torch.full((batch_size, Q), -100), ours["labels"]], 1),
+        "qformer_input_ids": ours["qformer_input_ids"],
+        "qformer_attention_mask": ours["qformer_attention_mask"],
     }
+    batch = {k: v.to(device) for k, v in batch.items()}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss = eval_loss(model, batch, amp)
     model.train()
@@ -207,8 +206,8 @@ def measure(impl: str, preset: str, hf_dir: str, args: argparse.Namespace, batch
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--worker", impl, "--presets", preset, "--hf-dir", hf_dir,
                "--device", args.device, "--batch-size", str(batch_size), "--warmup", str(args.warmup),
-               "--steps", str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads),
-               "--result", out.name]
+               "--steps", str(args.steps or STEPS[preset]), "--repeats", str(args.repeats),
+               "--threads", str(args.threads), "--result", out.name]
         subprocess.run(cmd, check=True)
         return json.loads(Path(out.name).read_text())
 
@@ -217,6 +216,8 @@ def export_hf(preset: str, device: torch.device, folder: str) -> None:
     model = build_ours(preset, device)
     model.save_pretrained(folder, format="hf", force=True)
     del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -224,8 +225,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny", "mid"], choices=sorted(PRESETS))
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--batch-size", type=int, help="samples per step (default per preset: %s)" % BATCH)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--steps", type=int, help="timed steps per round (default per preset: %s)" % STEPS)
     ap.add_argument("--repeats", type=int, default=2, help="timed rounds; the fastest counts")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
@@ -255,7 +256,7 @@ def main() -> None:
     threads = torch.get_num_threads() if device.type == "cpu" else None
     where = f"CPU, {threads} threads" if threads else torch.cuda.get_device_name(device)
     print(f"\nTraining step (fwd + bwd + AdamW, LAVIS trainable set), {where}, torch {torch.__version__}; "
-          f"best of {args.repeats} x {args.steps} timed steps after {args.warmup} warm-up\n")
+          f"per preset the best of {args.repeats} rounds of timed steps after {args.warmup} warm-up\n")
     print(f"| preset | batch | ours samples/s | HF samples/s | speed ours/HF | ours {unit} | HF {unit} "
           f"| memory ours/HF | loss before training ours / HF |")
     print("|---|---|---|---|---|---|---|---|---|")

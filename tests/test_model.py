@@ -150,3 +150,34 @@ def test_ln_vision_is_fp32_with_lavis_eps():
 
 def test_image_token_constant_is_unused_in_prompts(inputs):
     assert not (inputs[3] == IMAGE_TOKEN).any()
+
+
+def test_loss_without_full_logits_equals_full_loss(loaded, inputs):
+    """`return_logits=False` (training) applies the LM head only where labels count: same loss, same grads."""
+    px, q_ids, q_mask, ids = inputs
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = dict(pixel_values=px, input_ids=ids, qformer_input_ids=q_ids, qformer_attention_mask=q_mask, labels=labels)
+    grads = []
+    for full in (True, False):
+        loaded.zero_grad()
+        out = loaded(**batch, return_logits=full)
+        assert (out.logits is None) == (not full)
+        out.loss.backward()
+        grads.append((out.loss.detach(), loaded.proj.weight.grad.clone(), loaded.query_tokens.grad.clone()))
+    loaded.zero_grad()
+    for a, b in zip(*grads):
+        assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_frozen_llm_keeps_gradient_checkpointing_in_train_mode():
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    m = SoMeLVLM.from_config("tiny")
+    m.set_grad_checkpointing(vision=True, llm=True)
+    m.train()
+    assert not m.llm.training and not m.vision.training and m.qformer.training
+    layers = [x for x in m.llm.modules() if isinstance(x, GradientCheckpointingLayer)]
+    assert layers and all(x.training and x.gradient_checkpointing for x in layers)
+    m.eval()
+    assert not any(x.training for x in layers)

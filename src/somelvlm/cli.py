@@ -190,7 +190,8 @@ def run_generate(args: argparse.Namespace) -> int:
 # main
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__, train
+    from .evaluate import cli as evaluate_cli
 
     parser = argparse.ArgumentParser(prog="somelvlm", description="SoMeLVLM / InstructBLIP-Vicuna in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"somelvlm {__version__}")
@@ -198,23 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_convert(sub)
     add_generate(sub)
-    for extra in _extra_commands():
-        extra(sub)
+    evaluate_cli.add_parser(sub)
+    train.add_parser(sub)
     return parser
-
-
-def _extra_commands():
-    from importlib import import_module
-
-    for module in ("somelvlm.evaluate.cli", "somelvlm.train"):
-        try:
-            mod = import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.startswith("somelvlm"):
-                continue
-            raise
-        if hasattr(mod, "add_parser"):
-            yield mod.add_parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -70,12 +70,12 @@ class LlamaDecoder:
         self.scale = self.head_dim**-0.5
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
-        return KVCache(len(self.llm.model.layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
+        return KVCache(len(self.llm.get_decoder().layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
 
     def _run(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
         """The decoder layers on `x [B, T, D]`; `attend(layer_index, q, k, v)` does the attention
         (and the cache bookkeeping). Returns the last position's logits `[B, V]` in fp32."""
-        model = self.llm.model
+        model = self.llm.get_decoder()
         B, T, _ = x.shape
         cos, sin = model.rotary_emb(x, positions)  # [B, T, head_dim]
         cos, sin = cos[:, None], sin[:, None]
@@ -90,7 +90,7 @@ class LlamaDecoder:
             out = attend(i, q, k, v)
             x = x + attn.o_proj(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.llm.lm_head(model.norm(x[:, -1:]))[:, 0].float()
+        return self.llm.get_output_embeddings()(model.norm(x[:, -1:]))[:, 0].float()
 
     def _sdpa(self, q, k, v, mask, causal):
         groups = self.heads // self.kv_heads

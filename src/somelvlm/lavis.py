@@ -154,9 +154,16 @@ def warn_generation_config(folder: Path) -> None:
             log.warning("%s says eos_token_id=%s; LAVIS-correct Vicuna v1.1 uses 2, which somelvlm uses", path, eos)
 
 
-def lavis_state_dict(model: Any, trainable_only: bool = True) -> StateDict:
-    """Our weights under LAVIS names; by default only what LAVIS's runner saves (trainable parts)."""
-    wmap = WeightMap.load("lavis")
-    names = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
-    sd = {k: v.detach() for k, v in model.state_dict().items() if names is None or k in names}
-    return wmap.from_ours(sd)
+def lavis_state_dict(model: Any, with_llm: bool | None = None, with_vision: bool | None = None) -> StateDict:
+    """What LAVIS's runner saves, under LAVIS names: the whole connection module (`query_tokens`,
+    `ln_vision`, Q-Former, `llm_proj`), plus the LLM / ViT when they are trained (by default: when any
+    of their parameters requires grad)."""
+    from .model import FP32_MODULES
+
+    if with_llm is None:
+        with_llm = any(p.requires_grad for p in model.llm.parameters())
+    if with_vision is None:
+        with_vision = any(p.requires_grad for p in model.vision.parameters())
+    prefixes = FP32_MODULES + (("llm.",) if with_llm else ()) + (("vision.",) if with_vision else ())
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items() if k.startswith(prefixes)}
+    return WeightMap.load("lavis").from_ours(sd)

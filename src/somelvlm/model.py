@@ -40,7 +40,7 @@ class LayerNormFp32(nn.LayerNorm):
 
 @dataclass
 class SoMeLVLMOutput:
-    logits: torch.Tensor  # [B, Q + L, V]: query positions, then text positions
+    logits: torch.Tensor | None  # [B, Q + L, V]: query positions, then text positions
     loss: torch.Tensor | None = None
     past_key_values: Any = None
 
@@ -198,6 +198,12 @@ class SoMeLVLM(nn.Module):
             self.vision.eval()  # LAVIS disabled_train: a frozen ViT never leaves eval mode
         if getattr(self, "freeze_llm", False):
             self.llm.eval()
+            if mode:  # transformers checkpoints only layers in training mode; LLaMA has no dropout
+                from transformers.modeling_layers import GradientCheckpointingLayer
+
+                for m in self.llm.modules():
+                    if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing:
+                        m.training = True
         return self
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -221,9 +227,10 @@ class SoMeLVLM(nn.Module):
         self.vision.set_grad_checkpointing(vision)
         self.qformer.set_grad_checkpointing(qformer)
         if llm:
-            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        elif self.llm.is_gradient_checkpointing:
-            self.llm.gradient_checkpointing_disable()
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif self.llm.is_activation_checkpointing:
+            self.llm.activation_checkpointing_disable()
+        self.train(self.training)  # re-apply the frozen LLM's layer modes
 
     def to_dtype(self, dtype: torch.dtype, keep_fp32: bool = True) -> "SoMeLVLM":
         """Cast to `dtype`, keeping the connection module in fp32 for half precision (see FP32_MODULES)."""
@@ -292,9 +299,12 @@ class SoMeLVLM(nn.Module):
         qformer_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> SoMeLVLMOutput:
         """Logits over `[Q query positions + L text positions]`; `labels` cover the text (`[B, L]`) or
-        everything (`[B, Q+L]`), -100 = ignored; the loss is LAVIS's token-mean next-token CE."""
+        everything (`[B, Q+L]`), -100 = ignored; the loss is LAVIS's token-mean next-token CE.
+        `return_logits=False` (with labels) applies the LM head to the labelled positions only,
+        which saves the `[B, Q+L, vocab]` logits' memory in training."""
         if input_ids is None:
             raise ValueError("input_ids are required")
         if image_embeds is None:
@@ -303,16 +313,21 @@ class SoMeLVLM(nn.Module):
             image_embeds = self.encode_image(pixel_values)
         queries = self.query_embeds(image_embeds, qformer_input_ids, qformer_attention_mask)
         inputs, mask, pos = self.llm_inputs(queries, input_ids, attention_mask)
-        out = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, use_cache=False)
-        logits = out.logits
-        loss = None
         if labels is not None:
             Q = queries.shape[1]
             if labels.shape[1] == input_ids.shape[1]:
                 labels = torch.cat([labels.new_full((labels.shape[0], Q), IGNORE_INDEX), labels], dim=1)
             elif labels.shape[1] != Q + input_ids.shape[1]:
                 raise ValueError(f"labels have length {labels.shape[1]}; expected {input_ids.shape[1]} or {Q + input_ids.shape[1]}")
-            loss = causal_lm_loss(logits, labels)
+        if labels is not None and not return_logits:
+            hidden = self.llm.get_decoder()(inputs_embeds=inputs, attention_mask=mask, position_ids=pos,
+                                            use_cache=False).last_hidden_state  # [B, Q+L, D]
+            target = labels[:, 1:].to(hidden.device)
+            keep = target != IGNORE_INDEX  # next-token positions that count
+            picked = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [N, V]
+            return SoMeLVLMOutput(logits=None, loss=F.cross_entropy(picked, target[keep]))
+        logits = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
         return SoMeLVLMOutput(logits=logits, loss=loss)
 
     # ------------------------------------------------------------------------------------------
@@ -360,7 +375,7 @@ class SoMeLVLM(nn.Module):
             pixel_values = proc.images(images)
         out = self(pixel_values=pixel_values.to(self.device), input_ids=text.input_ids,
                    attention_mask=text.attention_mask, qformer_input_ids=text.qformer_input_ids,
-                   qformer_attention_mask=text.qformer_attention_mask, labels=text.labels)
+                   qformer_attention_mask=text.qformer_attention_mask, labels=text.labels, return_logits=False)
         return out.loss
 
     def num_parameters(self) -> dict[str, int]:

@@ -1,0 +1,631 @@
+"""Instruction tuning as LAVIS does it for InstructBLIP / SoMeLVLM, on `accelerate`.
+
+One process, one GPU, or many GPUs / nodes (DDP; FSDP and DeepSpeed through an accelerate
+config): `accelerate` places the model, wraps it, runs bf16 autocast on GPU and reduces the loss;
+this file has no distribution code of its own. Only the main process writes files.
+
+Run folder (`--out RUN`):
+```
+args.json                     the settings (what `--resume RUN` continues with)
+log.jsonl                     one line per logged step: step, epoch, loss, lr, samples_per_s, grad_norm
+                              (+ eval_loss lines); TensorBoard event files in tensorboard/ when installed
+checkpoints/step-00001000/    trainable.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json
+final/                        a complete model folder (`SoMeLVLM.from_pretrained`), LoRA merged;
+                              + checkpoint.pth (LAVIS format) with --lavis-checkpoint
+lora-adapter/                 with --lora: the adapters alone (peft format)
+skipped.txt                   every sample left out, with file and line / record
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from itertools import chain
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..folder import atomic_folder, write_json
+from ..loading import parse_dtype
+from ..lavis import lavis_state_dict
+from ..model import SoMeLVLM
+from ..processing import IGNORE_INDEX
+from .data import Batch, Collator, EpochBatchSampler, Problems, ShardSampler, eval_dataset, read_all, train_dataset
+from .lora import DEFAULT_TARGETS, add_lora, has_lora, merge_lora, save_adapter
+
+log = logging.getLogger("somelvlm")
+
+
+def _opt(default: Any, help: str, **argparse: Any) -> Any:
+    """A config field with its command-line help (see `somelvlm.train.add_parser`)."""
+    meta = {"help": help, "argparse": argparse}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a run; defaults are LAVIS's InstructBLIP instruction-tuning defaults."""
+
+    model: str = _opt("tiny", "model folder (SoMeLVLM.from_pretrained) or 'tiny' (built-in random model)")
+    train: list[str] = _opt([], "training annotation file(s): JSON list or JSONL of "
+                                "{text_input, text_output, image}", nargs="+", metavar="FILE")
+    images_root: str | None = _opt(None, "folder the 'image' names are relative to (default: each "
+                                         "annotation file's folder)", metavar="DIR")
+    out: str | None = _opt(None, "run folder to create (see `somelvlm.train.trainer` for its layout)",
+                           metavar="RUN")
+    eval: list[str] = _opt([], "evaluation annotation file(s): loss at every checkpoint and at the end",
+                           nargs="+", metavar="FILE")
+    resume: str | None = _opt(None, "continue RUN from its latest checkpoint with its saved settings "
+                                    "(flags given here override them)", metavar="RUN")
+    # optimisation
+    lr: float = _opt(1e-5, "peak learning rate", type=float)
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine decay", type=float)
+    warmup_lr: float = _opt(1e-8, "learning rate at step 0 of the linear warm-up", type=float)
+    warmup_steps: int = _opt(1000, "linear warm-up steps (optimizer steps)", type=int)
+    weight_decay: float = _opt(0.05, "AdamW weight decay (none on 1-D parameters and biases)", type=float)
+    max_steps: int | None = _opt(None, "optimizer steps to train (default: --epochs)", type=int)
+    epochs: int | None = _opt(None, "epochs to train (default 1 when --max-steps is not given)", type=int)
+    batch_size: int = _opt(4, "samples per process per micro-batch", type=int)
+    grad_accum: int = _opt(1, "micro-batches per optimizer step", type=int)
+    max_grad_norm: float | None = _opt(None, "clip the gradient norm to this (default: no clipping, as LAVIS)",
+                                       type=float)
+    seed: int = _opt(42, "seed of the data order, augmentation and dropout", type=int)
+    # what trains
+    unfreeze_llm: bool = _opt(False, "train the whole LLM too", action="store_true")
+    lora: bool = _opt(False, "train LoRA adapters on the LLM (needs peft)", action="store_true")
+    lora_r: int = _opt(8, "LoRA rank", type=int)
+    lora_alpha: int = _opt(16, "LoRA alpha", type=int)
+    lora_dropout: float = _opt(0.05, "LoRA dropout", type=float)
+    lora_targets: str = _opt(",".join(DEFAULT_TARGETS), "comma-separated LLM module names that get LoRA")
+    train_vit: bool = _opt(False, "train the vision encoder too", action="store_true")
+    qformer_dropout: float | None = _opt(None, "override the Q-Former dropout (default: the model's, 0.1)",
+                                         type=float)
+    # numerics, memory, speed
+    dtype: str = _opt("auto", "dtype of the frozen parts: bf16 | fp16 | fp32 | auto (bf16 on GPU, fp16 "
+                              "without bf16 support, fp32 on CPU); trainable parameters are always fp32",
+                      choices=("auto", "bf16", "fp16", "fp32"))
+    grad_checkpointing: bool = _opt(False, "gradient checkpointing in the ViT and the LLM", action="store_true")
+    cpu: bool = _opt(False, "run on the CPU even when a GPU is present", action="store_true")
+    num_workers: int = _opt(4, "data loader worker processes per training process", type=int)
+    # outputs
+    save_every: int = _opt(1000, "checkpoint every N optimizer steps (and always at the end)", type=int)
+    keep_checkpoints: int = _opt(2, "keep the newest N checkpoints (0: keep all)", type=int)
+    log_every: int = _opt(10, "log every N optimizer steps", type=int)
+    lavis_checkpoint: bool = _opt(False, "also write final/checkpoint.pth in LAVIS's format",
+                                  action="store_true")
+
+    def check(self) -> "FinetuneConfig":
+        """Clear errors for settings that cannot work; returns self."""
+        if not self.train:
+            raise ValueError("give the training data with --train FILE")
+        if not self.out:
+            raise ValueError("give the run folder with --out RUN")
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give --max-steps or --epochs, not both")
+        if self.lora and self.unfreeze_llm:
+            raise ValueError("--lora and --unfreeze-llm exclude each other")
+        for name in ("batch_size", "grad_accum", "log_every", "save_every", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("max_steps", "epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError("--lr must be > 0")
+        return self
+
+    @classmethod
+    def for_resume(cls, run: str | Path, **overrides: Any) -> "FinetuneConfig":
+        """The saved settings of `run` (its `args.json`) with `overrides` applied."""
+        run = Path(run)
+        path = run / "args.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{run} is not a run folder (no args.json); --resume needs a folder "
+                                    "written by `somelvlm finetune --out`")
+        saved = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        settings = {k: v for k, v in saved.items() if k in known}
+        out = overrides.pop("out", None)
+        if out is not None and Path(out).resolve() != run.resolve():
+            raise ValueError(f"--resume continues {run} in place; drop --out {out}")
+        for k, v in overrides.items():
+            if k in settings and settings[k] != v and k != "resume":
+                log.warning("resuming %s with %s=%r (was %r)", run, k, v, settings[k])
+        if "max_steps" in overrides or "epochs" in overrides:  # a new length replaces the saved one
+            settings.update(max_steps=None, epochs=None)
+        settings.update(overrides)
+        settings.update(resume=str(run), out=str(run))
+        return cls(**settings)
+
+
+@dataclass
+class TrainState:
+    """Where training stands after `step` optimizer steps; the next micro-batch is batch `batch`
+    (0-based, in global batches) of epoch `epoch`."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
+# The model and what trains
+# ------------------------------------------------------------------------------------------------
+def build_model(cfg: FinetuneConfig, on_gpu: bool = False) -> SoMeLVLM:
+    """Load `cfg.model` and apply the training policy (freezing, LoRA, dropout, checkpointing).
+
+    Frozen parts get `cfg.dtype`; every trainable parameter is fp32.
+    """
+    dtype = parse_dtype(None if cfg.dtype == "auto" else cfg.dtype)
+    if cfg.dtype == "auto" and on_gpu:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if cfg.model == "tiny":
+        model = SoMeLVLM.from_config("tiny")
+        if dtype is not None:
+            model.to_dtype(dtype)
+    else:
+        model = SoMeLVLM.from_pretrained(cfg.model, dtype=dtype)
+    if model.processor is None:
+        raise ValueError(f"{cfg.model}: the model folder has no tokenizer files (tokenizer.model)")
+    if cfg.qformer_dropout is not None:
+        set_qformer_dropout(model, cfg.qformer_dropout)
+    model.apply_freeze_policy(freeze_vision=not cfg.train_vit, freeze_llm=not cfg.unfreeze_llm)
+    freeze_unused(model)
+    if cfg.lora:
+        add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                 targets=[t.strip() for t in cfg.lora_targets.split(",") if t.strip()])
+    for _, p in model.trainable_parameters():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(vision=True, qformer=False, llm=True)
+    return model
+
+
+def set_qformer_dropout(model: SoMeLVLM, p: float) -> None:
+    """Set the Q-Former's hidden and attention-probability dropout to `p`."""
+    for m in model.qformer.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if hasattr(m, "dropout_p"):
+            m.dropout_p = p
+
+
+def freeze_unused(model: SoMeLVLM) -> None:
+    """Freeze the last Q-Former layer's text feed-forward: its output is discarded (only the query
+    rows leave the Q-Former), so it never gets a gradient, in LAVIS either, where AdamW skips it.
+    Freezing it keeps the numerics and lets DDP run without `find_unused_parameters`."""
+    last = model.qformer.encoder.layer[-1]
+    for p in chain(last.intermediate.parameters(), last.output.parameters()):
+        p.requires_grad_(False)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """LAVIS's AdamW groups: no weight decay on 1-D parameters and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, cfg: FinetuneConfig, total_steps: int) -> float:
+    """Linear warm-up from `warmup_lr` to `lr` over `warmup_steps`, then cosine down to `min_lr` at
+    `total_steps` (LAVIS `linear_warmup_cosine_lr`, with the cosine counted in steps)."""
+    if step < cfg.warmup_steps:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
+    t, T = step - cfg.warmup_steps, max(total_steps - cfg.warmup_steps, 1)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, T) / T))
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
+    """The global L2 norm of `grads` (what clipping would see)."""
+    if not grads:
+        return None
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed next-token NLL over labels != -100, and the token counts (`[B]` each).
+
+    `logits` cover `[Q query positions + L text positions]`, `labels` the `L` text positions.
+    """
+    Q = logits.shape[1] - labels.shape[1]
+    pred = logits[:, Q - 1: -1].float()  # position Q+t-1 predicts text token t
+    labels = labels.to(pred.device)
+    nll = F.cross_entropy(pred.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+def checkpoints(run: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first."""
+    return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def fingerprint(model: nn.Module) -> list[float]:
+    """Sum and sum of squares of the trainable weights: equal on every DDP process, or something broke."""
+    s = torch.zeros(2, dtype=torch.float64)
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            t = p.detach().double()
+            s += torch.stack([t.sum(), t.square().sum()]).cpu()
+    return s.tolist()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
+                    run: Path, trainable: list[str], problems: Problems, keep: int) -> None:
+    """Write `RUN/checkpoints/step-N` atomically (a temporary folder renamed when complete)."""
+    from accelerate.utils import gather_object
+    from safetensors.torch import save_file
+
+    full = accelerator.get_state_dict(model)  # gathers under FSDP / DeepSpeed; views otherwise
+    rngs = gather_object([rng_state()])
+    skipped = gather_object([problems.items])
+    prints = gather_object([fingerprint(accelerator.unwrap_model(model))])
+    folder = run / "checkpoints" / f"step-{state.step:08d}"
+    tmp_shared = run / "checkpoints" / f".step-{state.step:08d}.accelerate"
+    if _sharded(accelerator):  # optimizer shards are written by every process, as accelerate does it
+        accelerator.save_state(str(tmp_shared))
+    if accelerator.is_main_process:
+        with atomic_folder(folder, force=True) as tmp:
+            save_file({n: full[n].detach().to("cpu").contiguous() for n in trainable},
+                      str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+            if _sharded(accelerator):
+                os.replace(tmp_shared, tmp / "accelerate")
+            else:
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            torch.save(rngs, tmp / "rng.pt")
+            merged = dict(chain.from_iterable(d.items() for d in skipped))
+            write_json(tmp / "state.json", {**asdict(state), "num_processes": accelerator.num_processes,
+                                            "fingerprints": prints, "skipped_at_runtime": merged})
+        if not _sharded(accelerator) and any(f != prints[0] for f in prints):
+            log.warning("the processes hold different trainable weights at step %d: %s", state.step, prints)
+        for old in checkpoints(run)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_trainable(model: nn.Module, folder: Path) -> None:
+    """Put a checkpoint's trainable weights into `model` (before `accelerator.prepare`)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "trainable.safetensors"))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(weights) != expected:
+        missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ValueError(f"{folder}: the checkpoint's trainable weights do not fit this model "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]}); resume with the run's own settings")
+    model.load_state_dict(weights, strict=False)
+
+
+def load_checkpoint(accelerator: Any, folder: Path, optimizer: Any, scheduler: Any,
+                    problems: Problems) -> tuple[TrainState, dict[str, Any]]:
+    """Optimizer, scheduler and position of a checkpoint (after `prepare`); returns this process's RNG state."""
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["num_processes"] != accelerator.num_processes:
+        raise ValueError(f"{folder} was written by {meta['num_processes']} processes, this run has "
+                         f"{accelerator.num_processes}: exact resuming needs the same number")
+    if _sharded(accelerator):
+        accelerator.load_state(str(folder / "accelerate"))
+    else:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    for where, why in meta.get("skipped_at_runtime", {}).items():
+        problems.items.setdefault(where, why)
+    rngs = torch.load(folder / "rng.pt", weights_only=False)  # our own file: python/numpy states
+    state = TrainState(meta["step"], meta["epoch"], meta["batch"])
+    return state, rngs[accelerator.process_index]
+
+
+def export_final(accelerator: Any, model: nn.Module, cfg: FinetuneConfig, run: Path) -> None:
+    """`RUN/final` (LoRA merged), `RUN/lora-adapter`, and `final/checkpoint.pth` if asked."""
+    if _sharded(accelerator):
+        full = accelerator.get_state_dict(model)
+        final = None
+        if accelerator.is_main_process:
+            final = build_model(cfg, on_gpu=accelerator.device.type == "cuda")
+            final.load_state_dict(full)
+    else:
+        final = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        llm_trained = cfg.unfreeze_llm or cfg.lora
+        if has_lora(final):
+            with atomic_folder(run / "lora-adapter", force=True) as tmp:
+                save_adapter(final, tmp)
+            merge_lora(final)
+        final.save_pretrained(run / "final", force=True)
+        if cfg.lavis_checkpoint:
+            tmp = run / "final" / ".checkpoint.pth.tmp"
+            torch.save({"model": lavis_state_dict(final, with_llm=llm_trained, with_vision=cfg.train_vit)}, tmp)
+            os.replace(tmp, run / "final" / "checkpoint.pth")
+    accelerator.wait_for_everyone()
+
+
+# ------------------------------------------------------------------------------------------------
+# Data iteration and evaluation
+# ------------------------------------------------------------------------------------------------
+def micro_batches(dataset: Any, collate: Collator, cfg: FinetuneConfig, accelerator: Any,
+                  start: TrainState) -> Iterator[tuple[int, int, Batch]]:
+    """Endless `(epoch, next batch index, batch)` from the position `start`, epoch after epoch."""
+    epoch, first = start.epoch, start.batch
+    while True:
+        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, first,
+                                    accelerator.num_processes, accelerator.process_index)
+        # an own generator: creating a loader must not draw from the global RNG (dropout's)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
+                            pin_memory=accelerator.device.type == "cuda")
+        for b, batch in enumerate(loader, first + 1):
+            yield epoch, b, batch
+        epoch, first = epoch + 1, 0
+
+
+@torch.no_grad()
+def evaluate(accelerator: Any, model: nn.Module, dataset: Any, collate: Collator, batch_size: int) -> float:
+    """Token-mean loss over the whole dataset (all processes together)."""
+    sampler = ShardSampler(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    seen = 0
+    for batch in loader:
+        inputs = batch.inputs(accelerator.device)
+        labels = inputs.pop("labels")
+        nll, count = token_nll(model(**inputs).logits, labels)
+        real = (torch.arange(seen, seen + len(batch), device=nll.device) < sampler.real).double()
+        total += torch.stack([(nll.double() * real).sum(), (count.double() * real).sum()])
+        seen += len(batch)
+    total = accelerator.reduce(total, "sum")
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging
+# ------------------------------------------------------------------------------------------------
+def _step_of(line: str) -> float:
+    """The step of a log line; a line cut short by a crash counts as after every checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
+class RunLog:
+    """`log.jsonl` (+ TensorBoard when installed), main process only."""
+
+    def __init__(self, run: Path, enabled: bool, resume_step: int | None) -> None:
+        self.path = run / "log.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if resume_step is not None and self.path.is_file():  # drop what the interrupted run logged later
+            keep = [ln for ln in self.path.read_text().splitlines() if _step_of(ln) <= resume_step]
+            write_text_atomic(self.path, "".join(k + "\n" for k in keep))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run / "tensorboard"))
+        except ImportError:
+            log.debug("tensorboard not installed: logging to log.jsonl only")
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                values = v if isinstance(v, dict) else {"": v}
+                for name, x in values.items():
+                    if k != "step" and isinstance(x, (int, float)):
+                        self.tb.add_scalar(f"{k}/{name}" if name else k, x, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------------
+def _make_accelerator(cfg: FinetuneConfig) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import parse_flag_from_env
+
+    on_gpu = torch.cuda.is_available() and not (cfg.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    # bf16 autocast on GPU (fp16 with loss scaling where bf16 is missing, e.g. V100), none on CPU
+    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
+    if accelerator.state.deepspeed_plugin is not None:  # no prepared data loader tells it the batch size
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    return accelerator
+
+
+def _prepare_run_folder(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
+    run = Path(cfg.out)
+    if cfg.resume:
+        found = checkpoints(run)
+        if not (run / "args.json").is_file():
+            raise FileNotFoundError(f"{run} is not a run folder (no args.json)")
+        if not found:
+            raise FileNotFoundError(f"{run} has no checkpoint to resume from (checkpoints/step-*)")
+        return run, found[-1]
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        if (run / "args.json").is_file():
+            raise FileExistsError(f"{run} is an existing run: continue it with --resume {run} or pick another --out")
+        raise FileExistsError(f"{run} exists and is not empty; pick another --out")
+    for f in cfg.train + cfg.eval:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"annotation file not found: {f}")
+    return run, None
+
+
+def train(cfg: FinetuneConfig) -> Path:
+    """Fine-tune as configured (see the module doc for the run folder); returns the run folder."""
+    from accelerate.utils import gather_object, set_seed
+    from tqdm.auto import tqdm
+
+    cfg.check()
+    accelerator = _make_accelerator(cfg)
+    main = accelerator.is_main_process
+    run, ckpt = _prepare_run_folder(cfg)
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
+    P = accelerator.num_processes
+
+    set_seed(cfg.seed)
+    model = build_model(cfg, on_gpu=accelerator.device.type == "cuda")
+    processor = model.processor
+    problems = Problems(verbose=main)
+    samples = read_all(cfg.train, cfg.images_root, problems)
+    if not samples:
+        raise ValueError(f"no usable training samples in {cfg.train} ({len(problems)} skipped, see above)")
+    problems.verbose = True  # load-time problems were reported by the main process; runtime ones by each
+    dataset, collate = train_dataset(samples, processor, cfg.seed), Collator(processor)
+    eval_sets = {}
+    for f in cfg.eval:
+        eval_samples = read_all([f], cfg.images_root, problems)
+        if not eval_samples:
+            raise ValueError(f"no usable evaluation samples in {f} (see the warnings above)")
+        eval_sets[Path(f).name] = eval_dataset(eval_samples, processor)
+    per_epoch = EpochBatchSampler.batches_per_epoch(len(dataset), cfg.batch_size, P)
+    if per_epoch == 0:
+        raise ValueError(f"{len(dataset)} usable samples are fewer than one global batch "
+                         f"({cfg.batch_size} x {P} processes)")
+    total = cfg.max_steps or max(1, (cfg.epochs or 1) * per_epoch // cfg.grad_accum)
+
+    trainable = [n for n, _ in model.trainable_parameters()]
+    if ckpt is not None:
+        load_trainable(model, ckpt)
+    fused = accelerator.device.type in ("cpu", "cuda")  # one kernel per step: ~3x faster than the loop
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg, total) / cfg.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    if ckpt is not None:
+        state, rng = load_checkpoint(accelerator, ckpt, optimizer, scheduler, problems)
+        # settings given with --resume apply from here on (unchanged ones give the saved values back)
+        scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+        for group, base, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * f(scheduler.last_epoch)
+        optimizer.param_groups[0]["weight_decay"] = cfg.weight_decay
+        accelerator.print(f"resuming {run} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
+    if main:
+        run.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run / "args.json", json.dumps({**asdict(cfg), "resume": None}, indent=2) + "\n")
+    logger = RunLog(run, main, state.step if ckpt is not None else None)
+
+    net = accelerator.unwrap_model(model)
+    n_train = sum(p.numel() for _, p in net.trainable_parameters())
+    accelerator.print(f"{len(dataset)} training samples, {per_epoch} batches of {cfg.batch_size} x {P} per "
+                      f"epoch; {total} steps; {n_train:,} trainable parameters on {accelerator.device}")
+    model.train()
+    net.train()
+    if ckpt is not None:
+        set_rng_state(rng)
+    else:
+        set_seed(cfg.seed + accelerator.process_index)
+    batches = micro_batches(dataset, collate, cfg, accelerator, state)
+    bar = tqdm(total=total, initial=state.step, disable=not main, desc="finetune", dynamic_ncols=True)
+    win_loss, win_n, win_samples, t0 = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
+    while state.step < total:
+        for _ in range(cfg.grad_accum):
+            epoch, next_batch, batch = next(batches)
+            for where, why in batch.skipped:
+                problems.add(where, why)
+            with accelerator.accumulate(model):
+                loss = model(**batch.inputs(accelerator.device), return_logits=False).loss
+                accelerator.backward(loss)
+            win_loss += loss.detach().float()
+            win_n += 1
+            win_samples += len(batch) * P
+        state.step += 1
+        state.epoch, state.batch = epoch, next_batch
+        logging_step = state.step % cfg.log_every == 0 or state.step == total
+        grad_norm = None
+        if cfg.max_grad_norm is not None:
+            grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+        elif logging_step:
+            grad_norm = total_norm([p.grad for p in net.parameters() if p.grad is not None])
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        if logging_step:
+            mean_loss = accelerator.reduce(win_loss / win_n, "mean").item()
+            rate = win_samples / (time.perf_counter() - t0)
+            record = {"step": state.step, "epoch": state.epoch + state.batch / per_epoch, "loss": mean_loss,
+                      "lr": lr, "samples_per_s": rate,
+                      "grad_norm": None if grad_norm is None else float(grad_norm)}
+            logger.write(record)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
+            win_loss, win_n, win_samples, t0 = torch.zeros_like(win_loss), 0, 0, time.perf_counter()
+        if state.step % cfg.save_every == 0 or state.step == total:
+            save_checkpoint(accelerator, model, optimizer, scheduler, state, run, trainable, problems,
+                            cfg.keep_checkpoints)
+            if eval_sets:
+                losses = {name: evaluate(accelerator, model, ds, collate, cfg.batch_size)
+                          for name, ds in eval_sets.items()}
+                logger.write({"step": state.step, "eval_loss": losses})
+                accelerator.print(f"step {state.step}: eval loss " +
+                                  ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+                model.train()
+                net.train()
+            t0 = time.perf_counter()
+    bar.close()
+    logger.close()
+
+    export_final(accelerator, model, cfg, run)
+    merged = dict(chain.from_iterable(d.items() for d in gather_object([problems.items])))
+    if main:
+        write_text_atomic(run / "skipped.txt", "".join(f"{w}: {why}\n" for w, why in merged.items()))
+    accelerator.print(f"done: {run / 'final'}; {len(merged)} sample(s) skipped"
+                      + (f" (listed in {run / 'skipped.txt'})" if merged else ""))
+    return run
