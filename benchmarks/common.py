@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,10 +44,26 @@ def random_model(name: str, dtype: torch.dtype, device: str = "cpu") -> SoMeLVLM
     return model.to_dtype(dtype)
 
 
+def proc_status(key: str) -> int:
+    """A byte count from /proc/self/status (VmRSS: now, VmHWM: peak). Unlike ru_maxrss, VmHWM is not
+    inherited from the parent process across fork/exec."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start from the current RSS (Linux: writing 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_memory_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return proc_status("VmHWM")
 
 
 def timed(fn: Callable[[], Any], repeats: int, device: str) -> tuple[float, Any]:

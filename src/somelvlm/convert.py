@@ -1,17 +1,20 @@
 """One-command conversion of the released LAVIS files into a self-contained somelvlm folder.
 
 The conversion streams: input files are memory-mapped and read one at a time, each tensor is
-renamed (weights_map.json), fixed up (fp16 rounding of the ViT, the `[PAD]` row), cast, and
-collected into an output shard that is flushed at 5 GB, so peak memory stays near the largest
-input file. The output is written into a temporary folder and renamed at the very end, then
-checked strictly (names, shapes, dtypes of every written tensor) and summarised.
+renamed (weights_map.json), fixed up (fp16 rounding of the ViT, the `[PAD]` row), cast, and written
+straight to its place in a safetensors shard whose layout was planned from the model's shapes, so
+peak memory stays near the largest input file. The output is written into a temporary folder and
+renamed at the very end, then checked strictly (names and shapes of every written tensor) and
+summarised (parameters per component, dtype, sha256 of each shard).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
-import os
+import math
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,49 +58,57 @@ class ConversionSummary:
         return "\n".join(lines)
 
 
-class _ShardWriter:
-    """Collect tensors and flush them to numbered safetensors shards of at most `max_bytes`."""
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.parts: list[tuple[Path, list[str]]] = []
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        n = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + n > self.max_bytes:
-            self.flush()
-        self.pending[name] = t.contiguous()
-        self.pending_bytes += n
+class StreamingShardWriter:
+    """Write safetensors shards whose layout is planned up front, so each tensor goes to disk as
+    soon as it arrives, in any order: memory holds one tensor at a time, never a whole shard."""
 
-    def flush(self) -> None:
-        from safetensors.torch import save_file
+    def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int) -> None:
+        from .folder import plan_shards
 
-        if not self.pending:
-            return
-        path = self.folder / f"part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        sizes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in sorted(specs.items())}
+        groups = plan_shards(sizes, max_bytes)
+        n = len(groups)
+        self.specs = specs
+        self.where: dict[str, tuple[Path, int]] = {}
+        self.files: list[Path] = []
+        self.written: set[str] = set()
+        for i, names in enumerate(groups):
+            path = folder / ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+            header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name in names:
+                shape, dtype = specs[name]
+                header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + sizes[name]]}
+                offset += sizes[name]
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            start = 8 + len(blob)
+            with open(path, "wb") as f:
+                f.write(struct.pack("<Q", len(blob)) + blob)
+                f.truncate(start + offset)
+            for name in names:
+                self.where[name] = (path, start + header[name]["data_offsets"][0])
+            self.files.append(path)
+        if n > 1:
+            write_json(folder / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())},
+                                             "weight_map": {k: self.where[k][0].name for k in sorted(sizes)}})
 
-    def finish(self) -> list[Path]:
-        """Give the shards their final names (and write the index when there are several)."""
-        self.flush()
-        n = len(self.parts)
-        if n == 1:
-            final = self.folder / "model.safetensors"
-            os.replace(self.parts[0][0], final)
-            return [final]
-        files, weight_map = [], {}
-        for i, (path, names) in enumerate(self.parts):
-            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(path, final)
-            files.append(final)
-            weight_map.update({k: final.name for k in names})
-        total = sum(f.stat().st_size for f in files)
-        write_json(self.folder / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        return files
+    def put(self, name: str, t: torch.Tensor) -> None:
+        shape, dtype = self.specs[name]
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise ValueError(f"{name}: got {tuple(t.shape)} {t.dtype}, planned {tuple(shape)} {dtype}")
+        path, offset = self.where[name]
+        with open(path, "r+b") as f:
+            f.seek(offset)
+            f.write(t.detach().contiguous().view(torch.uint8).reshape(-1).numpy().data)
+        self.written.add(name)
+
+    def missing(self) -> list[str]:
+        return sorted(set(self.specs) - self.written)
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -151,21 +162,22 @@ def convert_lavis(
     src = LavisSources.open(checkpoint, vit, llm, config)
     out = Path(out)
     expected = {k: v.shape for k, v in empty_model(SoMeLVLM, src.config).state_dict().items()}
+    specs = {k: (tuple(shape), target_dtype(k, dtype)) for k, shape in expected.items()}
     with atomic_folder(out, force) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes)
+        writer = StreamingShardWriter(tmp, specs, max_shard_bytes)
         seen: dict[str, torch.Tensor] = {}
         origin: dict[str, str] = {}
         bar = tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress)
         for name, t, f in src.tensors():
-            want = target_dtype(name, dtype) or t.dtype
-            if name in expected and tuple(t.shape) == tuple(expected[name]):
-                writer.add(name, t.to(want))
+            if name in specs and tuple(t.shape) == specs[name][0]:
+                writer.put(name, t.to(specs[name][1]))
             seen[name] = torch.empty(t.shape, device="meta")
             origin[name] = str(f)
             bar.update(1)
         bar.close()
         check_state_dict(expected, seen, origin)
-        writer.finish()
+        if writer.missing():  # cannot happen after the check above; never leave a hole in a shard
+            raise RuntimeError(f"tensors not written: {writer.missing()[:10]}")
         write_json(tmp / "config.json", src.config.to_dict())
         write_json(tmp / "generation_config.json", generation_config(src.config))
         make_processor(src, qformer_tokenizer).save_pretrained(tmp)
