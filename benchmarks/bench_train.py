@@ -131,7 +131,7 @@ def build_ours(preset: str, device: torch.device) -> SoMeLVLM:
 
 
 def run_ours(preset: str, device: torch.device, args: argparse.Namespace) -> dict:
-    from somelvlm.train.trainer import freeze_unused, set_train_mode
+    from somelvlm.train.trainer import freeze_unused
 
     model = build_ours(preset, device)
     model.apply_freeze_policy()
@@ -140,11 +140,11 @@ def run_ours(preset: str, device: torch.device, args: argparse.Namespace) -> dic
     batch = {k: v.to(device) for k, v in make_batch(model.config, args.batch_size).items()}
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     loss = eval_loss(model, batch, amp)
-    set_train_mode(model)
+    model.train()  # frozen ViT and LLM stay in eval mode
 
     def step() -> float:
         with amp:
-            loss = model(**batch).loss
+            loss = model(**batch, return_logits=False).loss  # as the trainer: LM head on labelled rows only
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -181,3 +181,23 @@ def test_frozen_llm_keeps_gradient_checkpointing_in_train_mode():
     assert layers and all(x.training and x.gradient_checkpointing for x in layers)
     m.eval()
     assert not any(x.training for x in layers)
+
+
+def test_query_embeds_with_shared_images_change_nothing(loaded):
+    """Several prompts about one image share its cross-attention keys/values (and padding in the
+    instruction batch is masked): each row equals its own unpadded computation."""
+    tok = loaded.processor.qformer_tokenizer if loaded.processor else None
+    from somelvlm.processing import QFormerTokenizer
+
+    tok = tok or QFormerTokenizer()
+    prompts = ["short", "a much longer instruction " * 12, "mid length question here?", "x", "y " * 30]
+    ids, mask = tok(prompts)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 17, 48, generator=g)
+    index = torch.tensor([0, 1, 0, 0, 1])
+    with torch.no_grad():
+        got = loaded.query_embeds(images, ids, mask, image_index=index)
+        for r in range(len(prompts)):
+            n = int(mask[r].sum())
+            want = loaded.query_embeds(images[index[r]][None], ids[r:r + 1, :n], mask[r:r + 1, :n])
+            assert_close(got[r:r + 1], want, atol=1e-5, rtol=1e-5)

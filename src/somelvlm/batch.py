@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from PIL import Image
 
 from .generation import ImageFeatures
@@ -178,4 +177,4 @@ def _encode_chunk(model: Any, chunk: list[Task], cache: dict[Path, Any], result:
 
 
 def _stack(feats: list[Any]) -> Any:
-    return ImageFeatures(torch.cat([f.embeds for f in feats]))
+    return ImageFeatures.concat(feats)

@@ -26,17 +26,33 @@ LAVIS_DEFAULTS = dict(num_beams=5, max_length=256, min_length=1, repetition_pena
 
 @dataclass
 class ImageFeatures:
-    """Image embeddings after `ln_vision`, `[N, tokens, width]`: compute once, ask many questions."""
+    """Image embeddings after `ln_vision`: compute once, ask many questions.
+
+    `embeds [U, tokens, width]` holds each distinct image once; `index [N]` (None: `arange(U)`) says
+    which image each prompt row uses, so selecting rows never copies embeddings and the Q-Former
+    computes its cross-attention keys/values once per image."""
 
     embeds: torch.Tensor
+    index: torch.Tensor | None = None
 
     def __len__(self) -> int:
-        return self.embeds.shape[0]
+        return self.embeds.shape[0] if self.index is None else self.index.shape[0]
+
+    def rows(self) -> torch.Tensor:
+        return torch.arange(self.embeds.shape[0], device=self.embeds.device) if self.index is None else self.index
 
     def select(self, indices: Sequence[int]) -> "ImageFeatures":
         """Rows for a batch of prompts (an index may repeat: one image, many prompts)."""
         idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.embeds.device)
-        return ImageFeatures(self.embeds.index_select(0, idx))
+        return ImageFeatures(self.embeds, self.rows().index_select(0, idx))
+
+    @staticmethod
+    def concat(parts: Sequence["ImageFeatures"]) -> "ImageFeatures":
+        offsets, rows = 0, []
+        for p in parts:
+            rows.append(p.rows() + offsets)
+            offsets += p.embeds.shape[0]
+        return ImageFeatures(torch.cat([p.embeds for p in parts]), torch.cat(rows))
 
 
 def _is_single_image(x: Any) -> bool:
@@ -149,7 +165,7 @@ def llm_generate_inputs(model: Any, feats: ImageFeatures, prompts: list[str]) ->
     proc = model.require_processor()
     q_ids, q_mask = proc.qformer_text(prompts)
     ids, mask = proc.prompts(prompts, side="left")
-    queries = model.query_embeds(feats.embeds, q_ids, q_mask)
+    queries = model.query_embeds(feats.embeds, q_ids, q_mask, image_index=feats.index)
     inputs, full_mask, _ = model.llm_inputs(queries, ids, mask)
     return inputs, full_mask
 
@@ -314,7 +330,7 @@ def rank(model: Any, image: Any, prompt: str, candidates: Sequence[str], normali
     feats = features_for(model, image, 1)
     prompt_ids = tok.encode(prompt)
     q_ids, q_mask = proc.qformer_text([prompt])
-    queries = model.query_embeds(feats.embeds, q_ids, q_mask)  # [1, Q, D]: the instruction is shared
+    queries = model.query_embeds(feats.embeds, q_ids, q_mask, image_index=feats.index)  # [1, Q, D]: shared
     scores: list[float] = []
     for s in range(0, len(candidates), batch_size):
         part = candidates[s:s + batch_size]

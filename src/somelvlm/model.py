@@ -262,16 +262,23 @@ class SoMeLVLM(nn.Module):
         image_embeds: torch.Tensor,
         qformer_input_ids: torch.Tensor | None,
         qformer_attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Image embeds + instruction -> `[B, Q, llm_hidden]` soft prompt (the mask covers the text only)."""
-        B = image_embeds.shape[0]
+        """Image embeds + instruction -> `[B, Q, llm_hidden]` soft prompt (the mask covers the text only).
+
+        With `image_index [B]`, `image_embeds [U, N, C]` holds the distinct images only (see
+        `ImageFeatures`): the Q-Former's cross-attention keys/values are computed once per image."""
         dev = self.query_tokens.device
+        if image_index is None:
+            image_index = torch.arange(image_embeds.shape[0], device=dev)
+        used, local = image_index.to(dev).unique(return_inverse=True)
         if qformer_input_ids is not None:
             qformer_input_ids = qformer_input_ids.to(dev)
             if qformer_attention_mask is not None:
                 qformer_attention_mask = qformer_attention_mask.to(dev)
-        q = self.query_tokens.expand(B, -1, -1)
-        h = self.qformer(q, image_embeds.to(dev), qformer_input_ids, qformer_attention_mask)  # [B, Q+T, H]
+        q = self.query_tokens.expand(len(local), -1, -1)
+        h = self.qformer(q, image_embeds.to(dev).index_select(0, used), qformer_input_ids, qformer_attention_mask,
+                         local)  # [B, Q+T, H]
         h = h[:, : q.shape[1]]
         return self.proj(h.to(self.proj.weight.dtype))  # [B, Q, D]
 

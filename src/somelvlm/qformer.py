@@ -56,8 +56,14 @@ class SelfAttention(nn.Module):
         B, L, _ = x.shape
         return x.view(B, L, self.heads, self.head_dim).transpose(1, 2)  # [B, h, L, d]
 
-    def forward(self, h: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        q, k, v = self._split(self.query(h)), self._split(self.key(kv)), self._split(self.value(kv))
+    def forward(self, h: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
+                kv_index: torch.Tensor | None = None) -> torch.Tensor:
+        """`kv_index [B]` picks rows of `kv` per query row: keys/values are computed once per distinct
+        image and shared by all prompts about it."""
+        k, v = self._split(self.key(kv)), self._split(self.value(kv))
+        if kv_index is not None:
+            k, v = k.index_select(0, kv_index), v.index_select(0, kv_index)
+        q = self._split(self.query(h))
         p = self.dropout_p if self.training else 0.0
         if self.exact:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # [B, h, Lq, Lk]
@@ -89,9 +95,10 @@ class AttentionBlock(nn.Module):
         self.add_module("self", SelfAttention(cfg, kv_width, exact))
         self.output = SelfOutput(cfg)
 
-    def forward(self, h: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
+                kv_index: torch.Tensor | None = None) -> torch.Tensor:
         attn: SelfAttention = self._modules["self"]  # type: ignore[assignment]
-        return self.output(attn(h, kv, mask), h)
+        return self.output(attn(h, kv, mask, kv_index), h)
 
 
 class Intermediate(nn.Module):
@@ -127,12 +134,13 @@ class Layer(nn.Module):
         self.output_query = Output(cfg)
 
     def forward(
-        self, h: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor, num_queries: int
+        self, h: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor, num_queries: int,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         a = self.attention(h, h, mask)  # [B, Q+T, H], bidirectional over queries and text
         q = a[:, :num_queries]
-        if self.has_cross_attention:
-            q = self.crossattention(q, image_embeds, None)  # queries only; image mask is all ones
+        if self.has_cross_attention:  # queries only; image mask is all ones
+            q = self.crossattention(q, image_embeds, None, image_index)
         out = self.output_query(self.intermediate_query(q), q)
         if a.shape[1] > num_queries:
             t = a[:, num_queries:]
@@ -148,7 +156,8 @@ class Encoder(nn.Module):
 
 class QFormer(nn.Module):
     """`forward(query_embeds [B,Q,H], image_embeds [B,N,Cv], input_ids [B,T], attention_mask [B,T])`
-    returns the last hidden state of all `Q+T` rows; `[:, :Q]` are the query outputs."""
+    returns the last hidden state of all `Q+T` rows; `[:, :Q]` are the query outputs. With
+    `image_index [B]`, `image_embeds` holds only the distinct images `[U,N,Cv]`."""
 
     def __init__(self, cfg: QFormerConfig, encoder_width: int, exact: bool = False) -> None:
         super().__init__()
@@ -187,6 +196,7 @@ class QFormer(nn.Module):
         image_embeds: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         dtype = self.dtype
         B, Q = query_embeds.shape[:2]
@@ -201,7 +211,7 @@ class QFormer(nn.Module):
         image_embeds = image_embeds.to(dtype)
         for layer in self.encoder.layer:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, mask, image_embeds, Q, use_reentrant=False)
+                h = checkpoint(layer, h, mask, image_embeds, Q, image_index, use_reentrant=False)
             else:
-                h = layer(h, mask, image_embeds, Q)
+                h = layer(h, mask, image_embeds, Q, image_index)
         return h

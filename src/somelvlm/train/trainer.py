@@ -260,7 +260,10 @@ def checkpoints(run: Path) -> list[Path]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as tensors and plain values (loadable with `weights_only=True`)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -268,7 +271,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
@@ -357,7 +361,7 @@ def load_checkpoint(accelerator: Any, folder: Path, optimizer: Any, scheduler: A
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     for where, why in meta.get("skipped_at_runtime", {}).items():
         problems.items.setdefault(where, why)
-    rngs = torch.load(folder / "rng.pt", weights_only=False)  # our own file: python/numpy states
+    rngs = torch.load(folder / "rng.pt", weights_only=True)
     state = TrainState(meta["step"], meta["epoch"], meta["batch"])
     return state, rngs[accelerator.process_index]
 
