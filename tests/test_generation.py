@@ -18,20 +18,23 @@ PROMPTS = ["What is in the image?", "Is this post hateful?", "Describe the senti
            "Is this news true or false?", "Explain the user's personality in one sentence."]
 
 
-@pytest.fixture(scope="module")
-def model():
+def eos_model(seed: int = 0, strength: float = 0.9) -> SoMeLVLM:
     """The tiny model with an eos row that sometimes wins, so sequences end at different lengths."""
-    m = SoMeLVLM.from_config("tiny")
-    with torch.no_grad():
-        feats = features_for(m, IMG, len(PROMPTS))
-        from somelvlm.generation import llm_generate_inputs
+    from somelvlm.generation import llm_generate_inputs
 
-        E, M = llm_generate_inputs(m, feats, PROMPTS)
+    m = SoMeLVLM.from_config("tiny", seed=seed)
+    with torch.no_grad():
+        E, M = llm_generate_inputs(m, features_for(m, IMG, len(PROMPTS)), PROMPTS)
         h = m.llm.model(inputs_embeds=E, attention_mask=M).last_hidden_state[:, -1]
         top = m.llm.lm_head(h).max(-1).values.mean()
         hbar = h.mean(0)
-        m.llm.lm_head.weight[2] = hbar / (hbar @ hbar) * top * 0.9
+        m.llm.lm_head.weight[2] = hbar / (hbar @ hbar) * top * strength
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return eos_model()
 
 
 def gen_ids(m, prompts, image=IMG, **kw):
@@ -91,7 +94,8 @@ def test_repetition_penalty_matches_4_33_rule():
 
 
 def test_beam_equals_transformers_generate_on_same_embeddings(model):
-    """Our inputs layout, built here by hand: [queries][left pads][</s> prompt], mask zeros in the middle."""
+    """`fast=False` hands our inputs to transformers' beam search; the layout, built here by hand:
+    [queries][left pads][</s> prompt], mask zeros in the middle."""
     from transformers import GenerationConfig
 
     proc = model.processor
@@ -109,9 +113,10 @@ def test_beam_equals_transformers_generate_on_same_embeddings(model):
         ref = model.llm.generate(inputs_embeds=E, attention_mask=M, logits_processor=[LavisRepetitionPenalty(1.5)],
                                  generation_config=GenerationConfig(num_beams=5, max_new_tokens=12, length_penalty=1.0,
                                                                     eos_token_id=2, pad_token_id=2000, do_sample=False))
-    got = gen_ids(model, prompts, num_beams=5, max_new_tokens=12)
+    got = generate_ids(model, features_for(model, IMG, len(prompts)), prompts, None,
+                       _generation_kwargs(model, 5, 256, 1, 12, None, 1.5, 1.0, False, 0.9, 1.0, 1))
     assert [strip_tail(r) for r in ref.tolist()] == [strip_tail(g) for g in got]
-    texts = model.generate(IMG, prompts, max_new_tokens=12)  # LAVIS defaults otherwise: 5 beams, penalty 1.5
+    texts = model.generate(IMG, prompts, max_new_tokens=12, fast=False)  # 5 beams, penalty 1.5
     assert texts == [proc.decode(r) for r in ref.tolist()]
 
 
@@ -321,3 +326,87 @@ def test_row_prefill_equals_padded_prefill(model):
         for i in range(len(padded.k)):
             real = M.bool()[:, None, :, None].expand_as(padded.k[i][:, :, :E.shape[1]])
             assert_close(padded.k[i][:, :, :E.shape[1]][real], rows.k[i][:, :, :E.shape[1]][real], atol=1e-5, rtol=1e-5)
+
+
+def reference_beam_433(m, prompt: str, num_beams: int, max_length: int, min_length: int = 1,
+                       penalty: float = 1.5, length_penalty: float = 1.0) -> list[int]:
+    """LAVIS beam search as transformers 4.33 ran it (lavis.md 4.4), written out plainly: no cache (one
+    full forward per step), every hypothesis starts with the dummy id 1, which counts in its length
+    and in the repetition penalty; log-softmax, then penalty and min length, then + beam score; the
+    top 2*beams candidates in order: an eos ranked below num_beams is ignored, other eos close a
+    hypothesis (score = sum / len ** lp, len without the eos); a prompt is done when num_beams
+    hypotheses exist and the worst beats max(candidates) / (len + 1) ** lp; beams still running at
+    max_length are added with len = max_length."""
+    proc = m.processor
+    q_ids, q_mask = proc.qformer_text([prompt])
+    prompt_ids = proc.llm_tokenizer.encode(prompt)
+    with torch.no_grad():
+        image_embeds = m.encode_image(proc.images([IMG]))
+        beams = [([1], 0.0)] + [([1], -1e9)] * (num_beams - 1)
+        finished: list[tuple[float, list[int]]] = []
+
+        def add(tokens, total):
+            finished.append((total / len(tokens) ** length_penalty, tokens))
+            finished.sort(key=lambda x: x[0])
+            if len(finished) > num_beams:
+                finished.pop(0)
+
+        while True:
+            cands = []
+            for b, (tokens, total) in enumerate(beams):
+                ids = torch.tensor([prompt_ids + tokens[1:]])
+                logits = m(image_embeds=image_embeds, input_ids=ids, qformer_input_ids=q_ids,
+                           qformer_attention_mask=q_mask).logits[0, -1].float()
+                logp = logits.log_softmax(-1)
+                for t in set(tokens):
+                    logp[t] = logp[t] * penalty if logp[t] < 0 else logp[t] / penalty
+                if len(tokens) < min_length:
+                    logp[2] = -float("inf")
+                vals, idx = (logp + total).topk(2 * num_beams)
+                cands += [(float(v), b, int(i)) for v, i in zip(vals, idx)]
+            cands.sort(key=lambda c: -c[0])
+            cands = cands[: 2 * num_beams]
+            nxt = []
+            for rank, (score, b, tok) in enumerate(cands):
+                if tok == 2:
+                    if rank < num_beams:
+                        add(beams[b][0], score)
+                else:
+                    nxt.append((beams[b][0] + [tok], score))
+                if len(nxt) == num_beams:
+                    break
+            length = len(beams[0][0])
+            done = len(finished) >= num_beams and finished[0][0] >= cands[0][0] / (length + 1) ** length_penalty
+            beams = nxt
+            if done:
+                break
+            if len(beams[0][0]) >= max_length:
+                for tokens, total in beams:
+                    add(tokens, total)
+                break
+    return max(finished, key=lambda x: x[0])[1][1:]
+
+
+@pytest.mark.parametrize("max_length,length_penalty,min_length", [(12, 1.0, 1), (20, 1.0, 1), (16, 0.0, 1),
+                                                                   (16, -1.0, 6), (18, 2.0, 1)])
+def test_beam_search_follows_transformers_4_33(model, max_length, length_penalty, min_length):
+    """LAVIS's default decoding: 5 beams, LAVIS length semantics, the 4.33 scorer (truncated beams scored
+    by max_length, the (len+1) early-stop check)."""
+    prompts = PROMPTS[:5]
+    got = model.generate(IMG, prompts, num_beams=5, max_length=max_length, min_length=min_length,
+                         length_penalty=length_penalty)
+    want = [model.processor.decode(reference_beam_433(model, p, 5, max_length, min_length,
+                                                      length_penalty=length_penalty)) for p in prompts]
+    assert got == want
+
+
+@pytest.mark.parametrize("max_length", [12, 16])
+def test_beam_search_where_transformers_5_differs(max_length):
+    """A model and settings where transformers 5's beam search picks other answers than 4.33 (which
+    LAVIS ran): ours must follow 4.33."""
+    m = eos_model(seed=1, strength=1.0)
+    prompts = [PROMPTS[i] for i in (0, 1, 6, 2)]
+    got = m.generate(IMG, prompts, num_beams=5, max_length=max_length)
+    want = [m.processor.decode(reference_beam_433(m, p, 5, max_length)) for p in prompts]
+    assert got == want
+    assert got != m.generate(IMG, prompts, num_beams=5, max_length=max_length, fast=False)

@@ -141,22 +141,28 @@ class LlamaDecoder:
         cache.length = x.shape[1]
         return torch.cat(logits)
 
-    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
-               s: SamplingSettings) -> Iterator[torch.Tensor]:
-        """Yield the next token ids `[B]` step by step (pad for rows that already ended)."""
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+                extra: int) -> tuple[KVCache, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the prompt; returns the cache (room for `extra` more tokens), the last logits, the
+        attention mask and the next position ids."""
         B, L, _ = inputs_embeds.shape
         device = inputs_embeds.device
-        cache = self.new_cache(B, L + s.max_new_tokens, inputs_embeds.dtype, device)
+        cache = self.new_cache(B, L + extra, inputs_embeds.dtype, device)
         mask = attention_mask.to(device).long()
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
-        real = int(mask.sum())
-        if B > 1 and real < 0.8 * mask.numel():  # much padding: skip computing it
+        if B > 1 and int(mask.sum()) < 0.8 * mask.numel():  # much padding: skip computing it
             logits = self.prefill_rows(inputs_embeds, mask, cache)
         else:
             logits = self.forward(inputs_embeds, positions, cache, mask)
-        next_pos = positions[:, -1:] + 1
-        unfinished = torch.ones(B, dtype=torch.bool, device=device)
-        generated = torch.empty(B, 0, dtype=torch.long, device=device)
+        return cache, logits, mask, positions[:, -1:] + 1
+
+    def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
+               s: SamplingSettings) -> Iterator[torch.Tensor]:
+        """Greedy or sampling: yield the next token ids `[B]` step by step (pad for rows that ended)."""
+        B = inputs_embeds.shape[0]
+        cache, logits, mask, next_pos = self.prefill(inputs_embeds, attention_mask, s.max_new_tokens)
+        unfinished = torch.ones(B, dtype=torch.bool, device=logits.device)
+        generated = torch.empty(B, 0, dtype=torch.long, device=logits.device)
         embed = self.llm.get_input_embeddings()
         for step in range(s.max_new_tokens):
             scores = process_scores(logits, generated, step, s)
@@ -173,6 +179,106 @@ class LlamaDecoder:
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             logits = self.forward(embed(nxt[:, None]), next_pos, cache, mask)
             next_pos = next_pos + 1
+
+    @torch.inference_mode()
+    def beam_search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: SamplingSettings,
+                    num_beams: int, length_penalty: float = 1.0, num_return_sequences: int = 1) -> list[list[int]]:
+        """Beam search with transformers 4.33's rules, which LAVIS's numbers depend on (see
+        `NBest`): every hypothesis counts a dummy start token in its length, log-probs go through
+        the processors (repetition penalty, min length) before the running beam score is added, the
+        top `2 * num_beams` candidates are scanned in order, and beams still running at the length
+        limit are scored by that limit. Returns the new tokens of the best `num_return_sequences`
+        hypotheses per prompt (prompt-major)."""
+        if num_return_sequences > num_beams:
+            raise ValueError("num_return_sequences must be <= num_beams")
+        B, K = inputs_embeds.shape[0], num_beams
+        max_length = s.max_new_tokens + 1  # the dummy start token counts, as in transformers 4.33
+        cache, logits, mask, next_pos = self.prefill(inputs_embeds, attention_mask, s.max_new_tokens)
+        device = logits.device
+        cache.k = [k.repeat_interleave(K, dim=0) for k in cache.k]
+        cache.v = [v.repeat_interleave(K, dim=0) for v in cache.v]
+        logits, mask, next_pos = (t.repeat_interleave(K, dim=0) for t in (logits, mask, next_pos))
+        beam_scores = torch.zeros(B, K, device=device)
+        beam_scores[:, 1:] = -1e9  # at first all beams are the same: expand beam 0 only
+        beam_scores = beam_scores.view(-1)
+        generated = torch.empty(B * K, 0, dtype=torch.long, device=device)
+        best = [NBest(K, length_penalty) for _ in range(B)]
+        done = [False] * B
+        embed = self.llm.get_input_embeddings()
+        cur_len = 1
+        while True:
+            scores = process_scores(logits.log_softmax(dim=-1), generated, cur_len - 1, s)
+            scores = scores + beam_scores[:, None]
+            V = scores.shape[-1]
+            top_scores, top_ids = torch.topk(scores.view(B, K * V), 2 * K, dim=1)
+            next_scores = torch.zeros(B, K, device=device)
+            next_tokens = torch.full((B, K), s.pad_id, dtype=torch.long, device=device)
+            next_rows = torch.arange(B, device=device)[:, None].mul(K).expand(B, K).clone()
+            top_scores_l, top_ids_l = top_scores.tolist(), top_ids.tolist()
+            for b in range(B):
+                if done[b]:
+                    continue
+                j = 0
+                for rank, (score, flat) in enumerate(zip(top_scores_l[b], top_ids_l[b])):
+                    row, token = b * K + flat // V, flat % V
+                    if token == s.eos_id:
+                        if rank < K:  # an eos below the top num_beams candidates is ignored
+                            best[b].add(generated[row].tolist(), score, cur_len)
+                    else:
+                        next_scores[b, j], next_tokens[b, j], next_rows[b, j] = score, token, row
+                        j += 1
+                    if j == K:
+                        break
+                done[b] = best[b].is_done(max(top_scores_l[b]), cur_len + 1)
+            rows = next_rows.view(-1)
+            beam_scores = next_scores.view(-1)
+            generated = torch.cat([generated.index_select(0, rows), next_tokens.view(-1, 1)], dim=1)
+            cur_len += 1
+            if all(done) or cur_len >= max_length:
+                break
+            cache.k = [k.index_select(0, rows) for k in cache.k]
+            cache.v = [v.index_select(0, rows) for v in cache.v]
+            mask = torch.cat([mask, mask.new_ones(B * K, 1)], dim=1)
+            logits = self.forward(embed(generated[:, -1:]), next_pos, cache, mask)
+            next_pos = next_pos + 1
+        out: list[list[int]] = []
+        scores_l = beam_scores.tolist()
+        for b in range(B):
+            if not done[b]:  # beams still running at the limit, scored by their full length
+                for j in range(K):
+                    best[b].add(generated[b * K + j].tolist(), scores_l[b * K + j], cur_len)
+            out.extend(best[b].top(num_return_sequences))
+        return out
+
+
+class NBest:
+    """The `num_beams` best finished hypotheses of one prompt (transformers 4.33 `BeamHypotheses`
+    semantics): score = sum of log-probs / length ** length_penalty, where the length counts the
+    dummy start token; the search for a prompt is over when even the best running candidate,
+    at the next length, cannot beat the worst kept hypothesis."""
+
+    def __init__(self, size: int, length_penalty: float) -> None:
+        self.size, self.length_penalty = size, length_penalty
+        self.items: list[tuple[float, list[int]]] = []
+        self.worst = 1e9
+
+    def add(self, tokens: list[int], sum_logprobs: float, length: int) -> None:
+        score = sum_logprobs / length**self.length_penalty
+        if len(self.items) < self.size or score > self.worst:
+            self.items.append((score, tokens))
+            if len(self.items) > self.size:
+                order = sorted(range(len(self.items)), key=lambda i: (self.items[i][0], i))
+                self.worst = self.items[order[1]][0]
+                del self.items[order[0]]
+            else:
+                self.worst = min(score, self.worst)
+
+    def is_done(self, best_sum_logprobs: float, length: int) -> bool:
+        return len(self.items) >= self.size and self.worst >= best_sum_logprobs / length**self.length_penalty
+
+    def top(self, n: int) -> list[list[int]]:
+        ranked = sorted(self.items, key=lambda item: item[0])
+        return [ranked.pop()[1] for _ in range(n)]
 
 
 def process_scores(logits: torch.Tensor, generated: torch.Tensor, step: int, s: SamplingSettings) -> torch.Tensor:

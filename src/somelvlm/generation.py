@@ -207,20 +207,23 @@ def generate(
 
     `images`: one image for all prompts, one per prompt, a `[B,3,S,S]` tensor, or `ImageFeatures`
     from `encode_images`. `max_new_tokens` overrides LAVIS's `max_length` (which counts a dummy
-    start token: 255 new tokens by default). `batch_size` splits long prompt lists. Greedy and
-    sampling (`num_beams=1`) run on somelvlm's lean decoder (`fast=False`: transformers' generate);
-    beam search runs on transformers' generate. `top_k=50` is transformers 4.33's default, which
-    LAVIS sampling used.
+    start token: 255 new tokens by default). `batch_size` splits long prompt lists. Greedy,
+    sampling and beam search run on somelvlm's lean decoder with transformers 4.33's semantics,
+    which LAVIS's outputs depend on (`fast=False`: transformers 5's own `generate`, whose beam
+    search scores truncated beams and stops differently); beam *sampling* (`do_sample` with
+    `num_beams > 1`) always uses transformers. `top_k=50` is 4.33's default, which LAVIS sampling used.
     """
     prompts = _as_list(prompts)
     feats = features_for(model, images, len(prompts))
     if seed is not None:
         torch.manual_seed(seed)
     proc = model.require_processor()
-    if fast and num_beams == 1 and num_return_sequences == 1 and not extra and supports(model.llm):
+    lean = fast and not extra and supports(model.llm) and (num_beams == 1 or not do_sample)
+    if lean and (num_beams > 1 or num_return_sequences == 1):
         settings = sampling_settings(model, max_length, min_length, max_new_tokens, min_new_tokens,
                                      repetition_penalty, do_sample, top_p, top_k, temperature)
-        ids = fast_generate_ids(model, feats, prompts, batch_size, settings)
+        ids = fast_generate_ids(model, feats, prompts, batch_size, settings, num_beams, length_penalty,
+                                num_return_sequences)
     else:
         gen = _generation_kwargs(model, num_beams, max_length, min_length, max_new_tokens, min_new_tokens,
                                  repetition_penalty, length_penalty, do_sample, top_p, temperature,
@@ -240,15 +243,20 @@ def sampling_settings(model: Any, max_length: int = 256, min_length: int = 1, ma
 
 
 def fast_generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_size: int | None,
-                      settings: SamplingSettings) -> list[list[int]]:
+                      settings: SamplingSettings, num_beams: int = 1, length_penalty: float = 1.0,
+                      num_return_sequences: int = 1) -> list[list[int]]:
+    """New token ids per answer from the lean decoder (greedy, sampling, or 4.33-rule beam search)."""
     decoder = LlamaDecoder(model.llm)
     step = batch_size or len(prompts)
     out: list[list[int]] = []
     for i in range(0, len(prompts), step):
         part = prompts[i:i + step]
         inputs, mask = llm_generate_inputs(model, feats.select(range(i, i + len(part))), part)
-        tokens = torch.stack(list(decoder.decode(inputs, mask, settings)), dim=1)  # [B, new]
-        out.extend(row.tolist() for row in tokens)
+        if num_beams > 1:
+            out.extend(decoder.beam_search(inputs, mask, settings, num_beams, length_penalty, num_return_sequences))
+        else:
+            tokens = torch.stack(list(decoder.decode(inputs, mask, settings)), dim=1)  # [B, new]
+            out.extend(row.tolist() for row in tokens)
     return out
 
 
