@@ -30,7 +30,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def prepare(args: argparse.Namespace, work: Path) -> None:
-    model = random_model(args.preset, DTYPES[args.dtype], args.device)
+    work.mkdir(parents=True, exist_ok=True)
+    model = random_model(args.preset, DTYPES[args.dtype], args.device, work)
     model.save_pretrained(work / "ours", force=True)
     model.save_pretrained(work / "hf", format="hf", force=True)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, run_worker  # noqa: E402
+from common import markdown_table, padded_tokenizer, run_worker  # noqa: E402
 
 GB = 1e9
 
@@ -35,15 +35,14 @@ def write_lavis_files(root: Path, llm_layers: int) -> None:
     """Random released-layout files (names via somelvlm's LAVIS rules)."""
     import dataclasses
 
-    from somelvlm import SoMeLVLM, SoMeLVLMConfig, SoMeLVLMProcessor
-    from somelvlm.processing import BUNDLED_TINY_SPM, asset_path
+    from somelvlm import SoMeLVLM, SoMeLVLMConfig
     from somelvlm.weights import WeightMap
 
     cfg = SoMeLVLMConfig.preset("vicuna7b")
     cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, layers=llm_layers))
     torch.manual_seed(0)
     with torch.device("meta"):
-        model = SoMeLVLM(cfg, SoMeLVLMProcessor.tiny())
+        model = SoMeLVLM(cfg)
     lavis = WeightMap.load("lavis").from_ours({k: v for k, v in model.state_dict().items()})
     g = torch.Generator().manual_seed(0)
 
@@ -86,8 +85,7 @@ def write_lavis_files(root: Path, llm_layers: int) -> None:
         "model_type": "llama", "hidden_size": c.hidden, "intermediate_size": c.intermediate, "num_hidden_layers": c.layers,
         "num_attention_heads": c.heads, "num_key_value_heads": c.kv_heads, "vocab_size": 32000, "rms_norm_eps": 1e-6,
         "max_position_embeddings": 2048, "hidden_act": "silu", "tie_word_embeddings": False}))
-    # tokenizer with 32000 pieces is not redistributable: the bundled tiny one only needs ids < 32000
-    (llm_dir / "tokenizer.model").write_bytes(asset_path(BUNDLED_TINY_SPM).read_bytes())
+    padded_tokenizer(llm_dir, 32000)  # LLaMA's tokenizer is not redistributable: a 32000-piece stand-in
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -138,6 +136,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if not (work / "checkpoint.pth").is_file():
             print("writing random LAVIS-layout files ...", file=sys.stderr)
             write_lavis_files(work, args.llm_layers)

@@ -35,12 +35,40 @@ def preset(name: str) -> SoMeLVLMConfig:
     raise ValueError(f"unknown benchmark preset {name!r}")
 
 
-def random_model(name: str, dtype: torch.dtype, device: str = "cpu") -> SoMeLVLM:
+def padded_tokenizer(folder: Path, pieces: int) -> Path:
+    """The bundled tiny SentencePiece model grown to `pieces` pieces with unused entries, standing in
+    for LLaMA's 32000-piece tokenizer (which cannot be redistributed) so that vocab sizes are real."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    from somelvlm.processing import BUNDLED_TINY_SPM, asset_path
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(asset_path(BUNDLED_TINY_SPM).read_bytes())
+    for i in range(pieces - len(proto.pieces)):
+        p = proto.pieces.add()
+        p.piece, p.score, p.type = f"<unused_{i}>", -1e9, pb.ModelProto.SentencePiece.UNUSED
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tokenizer.model"
+    path.write_bytes(proto.SerializeToString())
+    return path
+
+
+def processor_for(cfg: SoMeLVLMConfig, folder: Path) -> SoMeLVLMProcessor:
+    from somelvlm.processing import LlamaTokenizer, QFormerTokenizer
+
+    if cfg.llm.vocab_size == 2001:
+        return SoMeLVLMProcessor.tiny(cfg.vision.image_size)
+    tok = LlamaTokenizer(padded_tokenizer(folder, cfg.llm.vocab_size - 1))
+    return SoMeLVLMProcessor(tok, QFormerTokenizer(), image_size=cfg.vision.image_size)
+
+
+def random_model(name: str, dtype: torch.dtype, device: str = "cpu", work: Path | None = None) -> SoMeLVLM:
     """Random weights for `name`, built straight on `device` in `dtype` (fast even at 7B)."""
     cfg = preset(name)
     torch.manual_seed(0)
+    proc = processor_for(cfg, (work or Path(".")) / "tokenizer")
     with torch.device(device):
-        model = SoMeLVLM(cfg, SoMeLVLMProcessor.tiny(cfg.vision.image_size)).eval()
+        model = SoMeLVLM(cfg, proc).eval()
     return model.to_dtype(dtype)
 
 

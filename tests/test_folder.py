@@ -60,6 +60,24 @@ def test_convert_then_from_pretrained_is_exact(converted, loaded, batch):
     assert (out / "qformer_tokenizer" / "vocab.txt").read_text().splitlines()[30522] == "[DEC]"
 
 
+def test_default_conversion_is_lossless(lavis_files, tiny_cfg, tmp_path, loaded, batch):
+    """dtype="auto": fp16 where LAVIS's values are fp16 (LLM, ViT linears), fp32 elsewhere, so an fp32
+    load reproduces from_lavis exactly."""
+    from safetensors import safe_open
+
+    out = tmp_path / "auto"
+    summary = convert_lavis(config=tiny_cfg, out=out, progress=False, **lavis_files)
+    assert summary.dtype == "auto"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["llm.lm_head.weight"] == "F16" and dtypes["vision.blocks.0.attn.qkv.weight"] == "F16"
+    assert dtypes["vision.blocks.0.attn.q_bias"] == "F32" and dtypes["qformer.embeddings.LayerNorm.weight"] == "F32"
+    m = SoMeLVLM.from_pretrained(out, dtype="fp32")
+    for (k, a), b in zip(m.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.equal(logits(m, batch), logits(loaded, batch))
+
+
 def test_sharded_conversion(lavis_files, tiny_cfg, tmp_path, loaded, batch):
     out = tmp_path / "sharded"
     convert_lavis(config=tiny_cfg, out=out, dtype="fp32", progress=False, max_shard_bytes=2_000_000, **lavis_files)
@@ -201,7 +219,7 @@ def test_cli_refuses_to_overwrite_and_force_works(lavis_files, tmp_path, capsys)
     assert (out / "keep.txt").exists()
     assert cli_main(args + ["--force"]) == 0
     printed = capsys.readouterr().out
-    assert "parameters:" in printed and "model.safetensors" in printed and "bfloat16" in printed
+    assert "parameters:" in printed and "model.safetensors" in printed and "the values LAVIS uses" in printed
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
 
 

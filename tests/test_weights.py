@@ -204,3 +204,23 @@ def test_load_file_accepts_only_tensors(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({}))
     with pytest.raises(WeightsError):
         load_file(tmp_path / "x.json")
+
+
+def test_llm_folder_like_lavis_loads_it(lavis_files, tiny_cfg, tmp_path, loaded):
+    """LAVIS loads the LLM with torch_dtype=float16 and resizes its vocab to pieces + [PAD]: an fp32
+    folder is rounded to fp16 values, extra vocab rows are dropped."""
+    files = _copy(lavis_files, tmp_path)
+    for f in sorted(files["llm"].glob("*.bin")):
+        sd = torch.load(f, weights_only=True)
+        for k in list(sd):
+            sd[k] = sd[k].float() + (1e-4 * torch.randn_like(sd[k].float()) if k == "lm_head.weight" else 0)
+            if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                sd[k] = torch.cat([sd[k], torch.randn(7, sd[k].shape[1])])
+        torch.save(sd, f)
+        if "lm_head.weight" in sd:
+            raw = sd["lm_head.weight"][:2001].clone()
+    m = SoMeLVLM.from_lavis(config=tiny_cfg, **files)
+    assert m.llm.lm_head.weight.shape[0] == 2001  # the file's first 2001 rows, as resize_token_embeddings keeps
+    assert torch.equal(m.llm.lm_head.weight, raw.half().float())
+    emb, ref = m.llm.get_input_embeddings().weight, loaded.llm.get_input_embeddings().weight
+    assert emb.shape == ref.shape and torch.equal(emb[:2000], ref[:2000])

@@ -36,8 +36,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--model", type=Path, metavar="DIR", help="a somelvlm model folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--to", choices=("somelvlm", "hf", "lavis"), default="somelvlm", help="output format")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="weight dtype (default: bf16 for LAVIS sources, unchanged otherwise)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=None,
+                   help="stored dtype. LAVIS sources: auto (default) keeps LAVIS's exact values (LLM and ViT "
+                        "linears fp16, the rest fp32), bf16/fp16 cast the big parts, keeping the connection "
+                        "module fp32; other sources: unchanged unless given")
     p.add_argument("--qformer-tokenizer", type=Path, metavar="DIR", help="folder with bert-base-uncased vocab.txt "
                    "(default: the copy shipped with somelvlm)")
     p.add_argument("--config", help="architecture: a preset name or a somelvlm config.json (default: vicuna7b)")
@@ -46,6 +48,10 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)
+
+
+def _model_dtype(dtype: str | None) -> str | None:
+    return None if dtype == "auto" else dtype
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -63,17 +69,18 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.to == "somelvlm":
             from .convert import convert_lavis
 
-            summary = convert_lavis(args.lavis_checkpoint, args.vit, args.llm, args.out, dtype=args.dtype or "bf16",
+            summary = convert_lavis(args.lavis_checkpoint, args.vit, args.llm, args.out, dtype=args.dtype or "auto",
                                     qformer_tokenizer=args.qformer_tokenizer, config=_config_arg(args.config),
                                     force=args.force, progress=not args.no_progress)
             print(summary)
             return 0
         model = SoMeLVLM.from_lavis(args.lavis_checkpoint, args.vit, args.llm, qformer_tokenizer=args.qformer_tokenizer,
-                                    config=_config_arg(args.config), dtype=args.dtype or "fp32")
+                                    config=_config_arg(args.config), dtype=_model_dtype(args.dtype) or "fp32")
     elif args.from_hf is not None:
-        model = SoMeLVLM.from_hf(args.from_hf, dtype=args.dtype, ln_vision_eps=1e-5 if args.lavis_eps else None)
+        model = SoMeLVLM.from_hf(args.from_hf, dtype=_model_dtype(args.dtype),
+                                 ln_vision_eps=1e-5 if args.lavis_eps else None)
     else:
-        model = SoMeLVLM.from_pretrained(args.model, dtype=args.dtype)
+        model = SoMeLVLM.from_pretrained(args.model, dtype=_model_dtype(args.dtype))
     model.save_pretrained(args.out, format=args.to, force=args.force)
     if args.to == "somelvlm":
         from .convert import verify_folder

@@ -1,5 +1,7 @@
 """One-command conversion of the released LAVIS files into a self-contained somelvlm folder.
 
+By default (`dtype="auto"`) the folder stores exactly the values LAVIS computes with (fp16 where
+LAVIS's are fp16-valued, fp32 elsewhere), so any dtype can be chosen at load time without loss.
 The conversion streams: input files are memory-mapped and read one at a time, each tensor is
 renamed (weights_map.json), fixed up (fp16 rounding of the ViT, the `[PAD]` row), cast, and written
 straight to its place in a safetensors shard whose layout was planned from the model's shapes, so
@@ -26,6 +28,7 @@ from .folder import INDEX_NAME, MAX_SHARD_BYTES, atomic_folder, generation_confi
 from .lavis import LavisSources, make_processor
 from .loading import empty_model, parse_dtype
 from .model import SoMeLVLM, target_dtype
+from .vision import FP16_ROUNDED
 from .weights import check_state_dict
 
 log = logging.getLogger("somelvlm")
@@ -46,9 +49,10 @@ class ConversionSummary:
                 "bytes": self.bytes}
 
     def __str__(self) -> str:
-        lines = [f"wrote {self.folder} ({self.bytes / 1e9:.2f} GB, weights in {self.dtype}; "
-                 "ln_vision, Q-Former, query tokens and projection kept in fp32)" if self.dtype in ("bfloat16", "float16")
-                 else f"wrote {self.folder} ({self.bytes / 1e9:.2f} GB, weights in {self.dtype})"]
+        kept = {"auto": "LLM and ViT conv/linear weights in fp16 (the values LAVIS uses), the rest in fp32",
+                "bfloat16": "weights in bf16; ln_vision, Q-Former, query tokens and projection kept in fp32",
+                "float16": "weights in fp16; ln_vision, Q-Former, query tokens and projection kept in fp32"}
+        lines = [f"wrote {self.folder} ({self.bytes / 1e9:.2f} GB; {kept.get(self.dtype, f'weights in {self.dtype}')})"]
         lines.append("parameters:")
         for k, v in self.params.items():
             lines.append(f"  {k:<13}{v:>15,}")
@@ -143,12 +147,22 @@ def verify_folder(folder: Path) -> dict[str, int]:
     return params
 
 
+def lossless_dtype(name: str, config: SoMeLVLMConfig) -> torch.dtype:
+    """`dtype="auto"`: store exactly the values LAVIS computes with, in the fewest bytes: the LLM and
+    the ViT's conv/linear weights are fp16-valued (LAVIS loads them so), everything else is fp32."""
+    if name.startswith("llm."):
+        return torch.float16
+    if config.vision.fp16_weights and name.startswith("vision.") and FP16_ROUNDED.match(name[len("vision."):]):
+        return torch.float16
+    return torch.float32
+
+
 def convert_lavis(
     checkpoint: str | Path,
     vit: str | Path,
     llm: str | Path,
     out: str | Path,
-    dtype: torch.dtype | str | None = "bf16",
+    dtype: torch.dtype | str | None = "auto",
     qformer_tokenizer: str | Path | None = None,
     config: SoMeLVLMConfig | None = None,
     force: bool = False,
@@ -158,11 +172,16 @@ def convert_lavis(
     """LAVIS `checkpoint.pth` + `eva_vit_g.pth` + HF LLaMA folder -> somelvlm folder (see module doc)."""
     from tqdm.auto import tqdm
 
-    dtype = parse_dtype(dtype) or torch.float32
     src = LavisSources.open(checkpoint, vit, llm, config)
     out = Path(out)
     expected = {k: v.shape for k, v in empty_model(SoMeLVLM, src.config).state_dict().items()}
-    specs = {k: (tuple(shape), target_dtype(k, dtype)) for k, shape in expected.items()}
+    if dtype in (None, "auto"):
+        specs = {k: (tuple(shape), lossless_dtype(k, src.config)) for k, shape in expected.items()}
+        dtype_name = "auto"
+    else:
+        dtype = parse_dtype(dtype)
+        specs = {k: (tuple(shape), target_dtype(k, dtype)) for k, shape in expected.items()}
+        dtype_name = str(dtype).replace("torch.", "")
     with atomic_folder(out, force) as tmp:
         writer = StreamingShardWriter(tmp, specs, max_shard_bytes)
         seen: dict[str, torch.Tensor] = {}
@@ -184,5 +203,5 @@ def convert_lavis(
         params = verify_folder(tmp)
         files = {p.name: sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
         total = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-    return ConversionSummary(out, str(dtype).replace("torch.", ""), params, files, total)
+    return ConversionSummary(out, dtype_name, params, files, total)
 

@@ -23,6 +23,7 @@ import torch
 
 from .config import LLMConfig, QFormerConfig, SoMeLVLMConfig, VisionConfig
 from .folder import atomic_folder, save_safetensors, write_json
+from .lavis import resize_vocab
 from .loading import assign_state_dict, empty_model, parse_dtype
 from .processing import MEAN, STD, LlamaTokenizer, QFormerTokenizer, SoMeLVLMProcessor
 from .weights import WeightMap, WeightsError, iter_hf_weights
@@ -171,19 +172,11 @@ def load_hf(cls: type, folder: str | Path, dtype: torch.dtype | str | None = Non
     ours = wmap.to_ours(external)
     our_origin = {wmap.key_to_ours(k): f for k, f in origin.items()}
     for key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
-        if key not in ours:
-            continue
-        rows = ours[key].shape[0]
-        if rows > keep:
-            log.info("%s: LLM vocab %d cut to %d (tokenizer pieces + [PAD])", folder, rows, keep)
-            ours[key] = ours[key][:keep]
-        elif rows == keep - 1:
-            from .model import pad_rows
-
-            row = pad_rows(ours[key].shape[1])[0 if "embed" in key else 1]
-            ours[key] = torch.cat([ours[key], row.to(ours[key].dtype)[None]])
-        elif rows < keep - 1:
-            raise WeightsError(f"{folder}: {key} has {rows} rows but the tokenizer has {llm_tok.num_pieces} pieces")
+        if key in ours:
+            if ours[key].shape[0] < keep - 1:
+                raise WeightsError(f"{folder}: {key} has {ours[key].shape[0]} rows but the tokenizer has "
+                                   f"{llm_tok.num_pieces} pieces")
+            ours[key] = resize_vocab(ours[key], keep, 0 if "embed" in key else 1, f"{folder}: {key}")
     import dataclasses
 
     config = config.replace(llm=dataclasses.replace(config.llm, vocab_size=keep, pad_id=llm_tok.num_pieces))

@@ -4,8 +4,9 @@ our names with `weights_map.json`, and (the other way) export a LAVIS `checkpoin
 Sources, in LAVIS's own loading order (later ones win, as in LAVIS):
 1. `eva_vit_g.pth`: a bare EVA-ViT-g state dict with 40 blocks; keys get `visual_encoder.`, and
    blocks beyond the configured depth (39) are dropped, as LAVIS's `strict=False` load does.
-2. the Hugging Face LLaMA folder: keys get `llm_model.`; the vocab grows from the tokenizer's
-   piece count (32000) by one `[PAD]` row (see `model.pad_rows`).
+2. the Hugging Face LLaMA folder: keys get `llm_model.`; values are rounded to fp16 (LAVIS loads it
+   with `torch_dtype=float16`) and the vocab is resized to the tokenizer's pieces + `[PAD]` (32001):
+   one `[PAD]` row is appended to Vicuna's 32000 (see `model.pad_rows`), extra rows are dropped.
 3. `checkpoint.pth`: `{"model": ..., "optimizer": ..., ...}` or a bare state dict with the
    Q-Former, `query_tokens`, `ln_vision` and `llm_proj`.
 """
@@ -58,7 +59,7 @@ class LavisSources:
         llm_cfg = LLMConfig.from_hf(read_json(llm / "config.json"))
         if llm_cfg.vocab_size < tok.num_pieces:
             raise WeightsError(f"{llm}: vocab_size {llm_cfg.vocab_size} < {tok.num_pieces} tokenizer pieces")
-        vocab = max(llm_cfg.vocab_size, tok.num_pieces + 1)  # LAVIS appends [PAD]
+        vocab = tok.num_pieces + 1  # LAVIS resizes the LLM's vocab to len(tokenizer) = pieces + [PAD]
         llm_cfg = dataclasses.replace(llm_cfg, vocab_size=vocab, pad_id=tok.num_pieces)
         config = (config or SoMeLVLMConfig.preset("vicuna7b")).replace(llm=llm_cfg)
         warn_generation_config(llm)
@@ -99,10 +100,10 @@ class LavisSources:
                 name = "llm_model." + k
                 if wmap.is_ignored(name) or name in ckpt:
                     continue
-                if k in ("model.embed_tokens.weight", "lm_head.weight") and t.shape[0] == pieces:
-                    row = pad_rows(t.shape[1])[0 if k.startswith("model.") else 1]
-                    t = torch.cat([t, row.to(t.dtype)[None]])
-                    log.info("%s: %s grown from %d to %d rows with the [PAD] row", f, k, pieces, pieces + 1)
+                if t.is_floating_point():
+                    t = round_to_fp16(t)  # LAVIS loads the LLM with torch_dtype=float16
+                if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                    t = resize_vocab(t, pieces + 1, 0 if k.startswith("model.") else 1, f"{f}: {k}")
                 yield (*ours(name, t), f)
             del sd
 
@@ -110,6 +111,18 @@ class LavisSources:
             if k.startswith("llm_model.") and t.is_floating_point():
                 t = round_to_fp16(t)  # LAVIS loads them into its fp16 LLM
             yield (*ours(k, t), self.checkpoint)
+
+
+def resize_vocab(t: torch.Tensor, rows: int, which: int, what: str) -> torch.Tensor:
+    """LAVIS's `resize_token_embeddings(len(tokenizer))`: append the `[PAD]` row (`pad_rows()[which]`)
+    or drop rows beyond the tokenizer."""
+    if t.shape[0] == rows - 1:
+        log.info("%s grown from %d to %d rows with the [PAD] row", what, rows - 1, rows)
+        return torch.cat([t, pad_rows(t.shape[1])[which].to(t.dtype)[None]])
+    if t.shape[0] > rows:
+        log.info("%s cut from %d to %d rows (the tokenizer's pieces + [PAD])", what, t.shape[0], rows)
+        return t[:rows]
+    return t
 
 
 def read_json(path: Path) -> dict[str, Any]:
