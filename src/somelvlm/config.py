@@ -11,7 +11,10 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 CONFIG_VERSION = 1
 
@@ -93,7 +96,7 @@ class LLMConfig:
     eos_id: int = 2
     pad_id: int = 32000  # '[PAD]', appended by LAVIS
 
-    def to_hf(self, attn_implementation: str = "sdpa") -> "LlamaConfig":  # noqa: F821
+    def to_hf(self, attn_implementation: str = "sdpa") -> "LlamaConfig":
         from transformers import LlamaConfig
 
         cfg = LlamaConfig(

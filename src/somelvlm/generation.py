@@ -20,8 +20,6 @@ from .decoding import LlamaDecoder, SamplingSettings, supports
 from .processing import IGNORE_INDEX, pad_batch
 
 DUMMY_START_ID = 1  # the Vicuna generation_config's bos, which transformers 4.33 put in front of outputs
-LAVIS_DEFAULTS = dict(num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0,
-                      do_sample=False, top_p=0.9, temperature=1.0)
 
 
 @dataclass
