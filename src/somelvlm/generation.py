@@ -2,10 +2,11 @@
 and candidate ranking (`predict_class`).
 
 The LLM sees `[Q query embeddings][left pads][</s> prompt]` with position ids from the attention
-mask (pads skipped), and runs `transformers`' `generate` on those embeddings. LAVIS's `max_length`
-and `min_length` count a dummy start token (transformers 4.33 semantics), so by default at most
-`max_length - 1 = 255` new tokens are produced and `min_length=1` is a no-op. Output ids equal to 0
-become 2, special ids are skipped, and the text is stripped.
+mask (pads skipped). Decoding runs on the lean decoder (`decoding.py`) with transformers 4.33's
+semantics, which LAVIS ran: `max_length` and `min_length` count a dummy start token, so by default
+at most `max_length - 1 = 255` new tokens are produced and `min_length=1` is a no-op; the repetition
+penalty covers that dummy id and the generated ids; beams are scored by 4.33's rules. Output ids
+equal to 0 become 2, special ids are skipped, and the text is stripped.
 """
 
 from __future__ import annotations
