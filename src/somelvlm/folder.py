@@ -204,17 +204,13 @@ def load_folder(cls: type, folder: str | Path, dtype: torch.dtype | str | None =
         want = target_dtype(name, dtype) or t.dtype
         state[name] = t.to(device=dev or "cpu", dtype=want)
         origin[name] = str(f)
-    assign_state_dict(model, state, dtype=None, device=None, origin=origin)
+    # tensors are already in place; with a single device, assign_state_dict also moves the buffers
+    assign_state_dict(model, state, dtype=None, device=device if placement is None else None, origin=origin)
     del state
     if placement is not None:
         from accelerate import dispatch_model
 
         model = dispatch_model(model, device_map=placement)
-    elif device is not None:
-        for mod in model.modules():  # buffers (rotary inv_freq) follow the weights
-            for bname, buf in list(mod._buffers.items()):
-                if buf is not None:
-                    mod._buffers[bname] = buf.to(device)
     return model.eval()
 
 

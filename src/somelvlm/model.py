@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import LLMConfig, SoMeLVLMConfig
+from .config import SoMeLVLMConfig
 from .processing import IGNORE_INDEX, SoMeLVLMProcessor
 from .qformer import QFormer
 from .vision import VisionTransformer
@@ -247,10 +247,6 @@ class SoMeLVLM(nn.Module):
     def device(self) -> torch.device:
         return self.query_tokens.device
 
-    @property
-    def llm_dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
-
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[B, 3, S, S]` -> image embeds after `ln_vision` `[B, N, width]` (fp32, as LAVIS)."""
         dev = self.vision.patch_embed.proj.weight.device
@@ -392,12 +388,3 @@ class SoMeLVLM(nn.Module):
         out["query_tokens"] = self.query_tokens.numel()
         out["total"] = sum(out.values())
         return out
-
-    @staticmethod
-    def llm_config_from_folder(folder: str | Path) -> LLMConfig:
-        import json
-
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face LLaMA folder)")
-        return LLMConfig.from_hf(json.loads(path.read_text()))

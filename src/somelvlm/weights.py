@@ -15,7 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -294,11 +294,3 @@ def check_state_dict(
     if len(shapes) > 20:
         lines.append(f"  ... and {len(shapes) - 20} more wrong shapes")
     raise WeightsError("\n".join(lines))
-
-
-def expected_shapes(module: torch.nn.Module) -> dict[str, torch.Size]:
-    return {k: v.shape for k, v in module.state_dict().items()}
-
-
-def summarize_files(paths: Iterable[Path]) -> str:
-    return ", ".join(str(p) for p in paths)
