@@ -39,9 +39,9 @@ class TrainState:
 class Diverged(ValueError):
     """Training produced a non-finite loss, learning rate or weights: the run stops without `final/`."""
 
-    def __init__(self, step: int, what: str, value: float | str, detail: str = "") -> None:
-        self.step, self.what, self.value = step, what, value
-        super().__init__(f"training diverged at step {step}: {what} is {value}" + (f"; {detail}" if detail else ""))
+    def __init__(self, step: int, problem: str, detail: str = "") -> None:
+        self.step, self.problem = step, problem
+        super().__init__(f"training diverged at step {step}: {problem}" + (f"; {detail}" if detail else ""))
 
 
 STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -125,7 +125,7 @@ def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, schedule
     prints = gather_object([fingerprint(accelerator.unwrap_model(model))])
     bad = [x for f in prints for x in f if not math.isfinite(x)]
     if bad:
-        raise Diverged(state.step, "the sum of the trainable weights", bad[0], "no checkpoint written for it")
+        raise Diverged(state.step, f"a trainable weight is not finite (their sum is {bad[0]})")
     folder = run / "checkpoints" / f"step-{state.step:08d}"
     tmp_shared = run / "checkpoints" / f".step-{state.step:08d}.accelerate"
     if _sharded(accelerator):  # optimizer shards are written by every process, as accelerate does it

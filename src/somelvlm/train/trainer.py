@@ -560,10 +560,12 @@ def train(cfg: FinetuneConfig) -> Path:
                 state.step += 1
                 state.epoch, state.batch = epoch, next_batch
                 lr = optimizer.param_groups[0]["lr"]
-                check_finite(state.step, accelerator.reduce(step_loss / cfg.grad_accum, "mean").item(), lr)
+                step_mean = accelerator.reduce(step_loss / cfg.grad_accum, "mean").item()  # equal on every process
+                check_finite(state.step, "the loss", step_mean, f" (lr {lr:g})")
                 if unchecked is not None:  # the weights of the newest checkpoint gave a finite loss
                     prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
                     unchecked = None
+                check_finite(state.step, "the learning rate", lr)
                 logging_step = state.step % cfg.log_every == 0 or state.step == total
                 grad_norm = None
                 if cfg.max_grad_norm is not None:
@@ -601,8 +603,9 @@ def train(cfg: FinetuneConfig) -> Path:
                         net.train()
                     t0 = time.perf_counter()
     except Diverged as e:
-        logger.write({"step": e.step, "diverged": f"{e.what} is {e.value}"})
-        raise Diverged(e.step, e.what, e.value, "no final/ written" + ("; " + _set_aside(run, unchecked) if main else "")) from None
+        logger.write({"step": e.step, "diverged": e.problem})
+        raise Diverged(e.step, e.problem, "no final/ written" + ("; " + _set_aside(run, unchecked) if main else "")) \
+            from None
     finally:
         bar.close()
         logger.close()
@@ -618,9 +621,7 @@ def train(cfg: FinetuneConfig) -> Path:
     return run
 
 
-def check_finite(step: int, loss: float, lr: float) -> None:
-    """Raise `Diverged` when the loss of `step` or its learning rate is not finite (before the update)."""
-    if not math.isfinite(loss):
-        raise Diverged(step, "the loss", f"{loss} (lr {lr:g})")
-    if not math.isfinite(lr):
-        raise Diverged(step, "the learning rate", lr)
+def check_finite(step: int, what: str, value: float, note: str = "") -> None:
+    """Raise `Diverged` when `value` (`what` at `step`, before its update) is not finite."""
+    if not math.isfinite(value):
+        raise Diverged(step, f"{what} is {value}{note}")
