@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..folder import atomic_folder
 from ..loading import parse_dtype
@@ -42,7 +42,7 @@ from ..model import SoMeLVLM
 from ..processing import IGNORE_INDEX
 from .checkpoint import (Diverged, TrainState, _sharded, checkpoints, load_checkpoint, load_trainable,
                          prune_checkpoints, save_checkpoint, set_rng_state, write_text_atomic)
-from .data import Batch, Collator, EpochBatchSampler, Problems, ShardSampler, eval_dataset, read_all, train_dataset
+from .data import Batch, Collator, EpochBatchSampler, Key, Problems, ShardSampler, eval_dataset, read_all, train_dataset
 from .lora import DEFAULT_TARGETS, add_lora, has_lora, merge_lora, save_adapter
 
 log = logging.getLogger("somelvlm")
@@ -314,20 +314,35 @@ def export_final(accelerator: Any, model: nn.Module, cfg: FinetuneConfig, run: P
 # ------------------------------------------------------------------------------------------------
 # Data iteration and evaluation
 # ------------------------------------------------------------------------------------------------
+class RunBatchSampler(Sampler[list[Key]]):
+    """`EpochBatchSampler`s of every epoch from `(epoch, first)` on, without end: one loader, and so
+    one set of worker processes, serves the whole run (a loader per epoch restarts its workers
+    every epoch, which dominates on small data sets)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, first: int,
+                 num_processes: int, rank: int) -> None:
+        self.args = (num_samples, batch_size, seed)
+        self.epoch, self.first, self.num_processes, self.rank = epoch, first, num_processes, rank
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch, first = self.epoch, self.first
+        while True:
+            yield from EpochBatchSampler(*self.args, epoch, first, self.num_processes, self.rank)
+            epoch, first = epoch + 1, 0
+
+
 def micro_batches(dataset: Any, collate: Collator, cfg: FinetuneConfig, accelerator: Any,
                   start: TrainState, workers: int) -> Iterator[tuple[int, int, Batch]]:
     """Endless `(epoch, next batch index, batch)` from the position `start`, epoch after epoch."""
-    epoch, first = start.epoch, start.batch
-    while True:
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, first,
-                                    accelerator.num_processes, accelerator.process_index)
-        # an own generator: creating a loader must not draw from the global RNG (dropout's)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                            pin_memory=accelerator.device.type == "cuda")
-        for b, batch in enumerate(loader, first + 1):
-            yield epoch, b, batch
-        epoch, first = epoch + 1, 0
+    per_epoch = EpochBatchSampler.batches_per_epoch(len(dataset), cfg.batch_size, accelerator.num_processes)
+    sampler = RunBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start.epoch, start.batch,
+                              accelerator.num_processes, accelerator.process_index)
+    # an own generator: creating a loader must not draw from the global RNG (dropout's)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        generator=torch.Generator().manual_seed(cfg.seed + start.epoch),
+                        pin_memory=accelerator.device.type == "cuda")
+    for done, batch in enumerate(loader, start.epoch * per_epoch + start.batch):  # batches before this one
+        yield done // per_epoch, done % per_epoch + 1, batch
 
 
 @torch.no_grad()
@@ -607,6 +622,7 @@ def train(cfg: FinetuneConfig) -> Path:
         raise Diverged(e.step, e.problem, "no final/ written" + ("; " + _set_aside(run, unchecked) if main else "")) \
             from None
     finally:
+        batches.close()  # stops the loader's worker processes now, also on an error
         bar.close()
         logger.close()
     prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
