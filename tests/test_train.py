@@ -572,3 +572,25 @@ def test_help_shows_every_default():
         assert re.sub(r"\s+", "", f"(default: {default})") in help_text.replace(" ", ""), (flag, help_text)
     assert "--no-progress" in text and "--mixed-precision {no,bf16,fp16}" in text
     assert f"{trainer.default_workers()} for one process here" in text
+
+
+@pytest.mark.slow
+def test_readme_smoke_test_runs_verbatim_and_lowers_the_loss(tmp_path):
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = readme.split("<!-- finetune-smoke-test -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    claimed = re.search(r"done: runs/try/run/final; loss ([\d.]+) \(step 5\) -> ([\d.]+) \(step 30\)", readme)
+    assert claimed, "the README's smoke test names no result"
+    (tmp_path / "src").symlink_to(repo / "src")  # the repository root as the README assumes it
+    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = re.search(r"loss ([\d.]+) \(step 5\) -> ([\d.]+) \(step 30\)", proc.stdout)
+    assert got, proc.stdout
+    first, last = map(float, got.groups())
+    assert last < first / 3
+    assert (first, last) == pytest.approx(tuple(map(float, claimed.groups())), abs=0.02)

@@ -576,7 +576,7 @@ def train(cfg: FinetuneConfig) -> Path:
                 state.epoch, state.batch = epoch, next_batch
                 lr = optimizer.param_groups[0]["lr"]
                 step_mean = accelerator.reduce(step_loss / cfg.grad_accum, "mean").item()  # equal on every process
-                check_finite(state.step, "the loss", step_mean, f" (lr {lr:g})")
+                check_finite(state.step, "the loss", step_mean, f" (lr {lr:.3g})")
                 if unchecked is not None:  # the weights of the newest checkpoint gave a finite loss
                     prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
                     unchecked = None
