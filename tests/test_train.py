@@ -425,7 +425,7 @@ def strict_json_lines(path: Path) -> list[dict]:
 
 def one_line_error(proc: subprocess.CompletedProcess) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("somelvlm finetune: error: ")]
     assert len(errors) == 1, proc.stderr[-3000:]
     return errors[0]
 

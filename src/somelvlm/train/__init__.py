@@ -10,13 +10,13 @@ Library use: `train(FinetuneConfig(...))`, `train(FinetuneConfig.for_resume(run)
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 from typing import Sequence
 
 from .data import (Batch, Collator, EpochBatchSampler, InstructionDataset, Problems, Sample, read_samples,
                    train_dataset)
 from .lora import DEFAULT_TARGETS, add_lora, merge_lora
+from ..console import run_command, setup_logging
 from .checkpoint import Diverged
 from .trainer import FinetuneConfig, build_model, frozen_dtype, lr_at, mixed_precision, param_groups, token_nll, train
 
@@ -61,14 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m somelvlm.train` / `accelerate launch -m somelvlm.train`."""
-    import logging
-
     parser = configure(argparse.ArgumentParser(prog="somelvlm.train", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    setup_logging()
+    return run_command(run, args, parser.prog)

@@ -487,7 +487,6 @@ def train(cfg: FinetuneConfig) -> Path:
     finite: the run keeps its last good checkpoint and gets no `final/`."""
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
 
     cfg.check()
     accelerator = _make_accelerator(cfg)
@@ -558,65 +557,64 @@ def train(cfg: FinetuneConfig) -> Path:
     curve: list[tuple[int, float]] = []  # (step, loss) of the first and the latest logged step
     unchecked = None  # the newest checkpoint until the next step's loss shows its weights are fine
     try:
-        with logging_redirect_tqdm():  # warnings print above the bar, not inside it
-            while state.step < total:
-                step_loss = torch.zeros((), device=accelerator.device)
-                for _ in range(cfg.grad_accum):
-                    epoch, next_batch, batch = next(batches)
-                    for where, why in batch.skipped:
-                        problems.add(where, why)
-                    with accelerator.accumulate(model):
-                        loss = model(**batch.inputs(accelerator.device), return_logits=False).loss
-                        accelerator.backward(loss)
-                    step_loss += loss.detach().float()
-                    win_n += 1
-                    win_samples += len(batch) * P
-                win_loss += step_loss
-                state.step += 1
-                state.epoch, state.batch = epoch, next_batch
-                lr = optimizer.param_groups[0]["lr"]
-                step_mean = accelerator.reduce(step_loss / cfg.grad_accum, "mean").item()  # equal on every process
-                check_finite(state.step, "the loss", step_mean, f" (lr {lr:.3g})")
-                if unchecked is not None:  # the weights of the newest checkpoint gave a finite loss
-                    prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
-                    unchecked = None
-                check_finite(state.step, "the learning rate", lr)
-                logging_step = state.step % cfg.log_every == 0 or state.step == total
-                grad_norm = None
-                if cfg.max_grad_norm is not None:
-                    grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-                elif logging_step:
-                    grad_norm = total_norm([p.grad for p in net.parameters() if p.grad is not None])
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                bar.update(1)
+        while state.step < total:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(cfg.grad_accum):
+                epoch, next_batch, batch = next(batches)
+                for where, why in batch.skipped:
+                    problems.add(where, why)
+                with accelerator.accumulate(model):
+                    loss = model(**batch.inputs(accelerator.device), return_logits=False).loss
+                    accelerator.backward(loss)
+                step_loss += loss.detach().float()
+                win_n += 1
+                win_samples += len(batch) * P
+            win_loss += step_loss
+            state.step += 1
+            state.epoch, state.batch = epoch, next_batch
+            lr = optimizer.param_groups[0]["lr"]
+            step_mean = accelerator.reduce(step_loss / cfg.grad_accum, "mean").item()  # equal on every process
+            check_finite(state.step, "the loss", step_mean, f" (lr {lr:.3g})")
+            if unchecked is not None:  # the weights of the newest checkpoint gave a finite loss
+                prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
+                unchecked = None
+            check_finite(state.step, "the learning rate", lr)
+            logging_step = state.step % cfg.log_every == 0 or state.step == total
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+            elif logging_step:
+                grad_norm = total_norm([p.grad for p in net.parameters() if p.grad is not None])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
 
-                if logging_step:
-                    mean_loss = accelerator.reduce(win_loss / win_n, "mean").item()
-                    rate = win_samples / (time.perf_counter() - t0)
-                    record = {"step": state.step, "epoch": state.epoch + state.batch / per_epoch, "loss": mean_loss,
-                              "lr": lr, "samples_per_s": rate,
-                              "grad_norm": None if grad_norm is None else float(grad_norm)}
-                    logger.write(record)
-                    curve[1:] = [(state.step, mean_loss)]
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
-                    if cfg.no_progress:
-                        accelerator.print(f"step {state.step}/{total}: loss {mean_loss:.4f}, lr {lr:.3g}, "
-                                          f"{rate:.1f} samples/s", flush=True)
-                    win_loss, win_n, win_samples, t0 = torch.zeros_like(win_loss), 0, 0, time.perf_counter()
-                if state.step % cfg.save_every == 0 or state.step == total:
-                    unchecked = save_checkpoint(accelerator, model, optimizer, scheduler, state, run, trainable,
-                                                problems)
-                    if eval_sets:
-                        losses = {name: evaluate(accelerator, model, ds, collate, cfg.batch_size)
-                                  for name, ds in eval_sets.items()}
-                        logger.write({"step": state.step, "eval_loss": losses})
-                        accelerator.print(f"step {state.step}: eval loss " +
-                                          ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-                        model.train()
-                        net.train()
-                    t0 = time.perf_counter()
+            if logging_step:
+                mean_loss = accelerator.reduce(win_loss / win_n, "mean").item()
+                rate = win_samples / (time.perf_counter() - t0)
+                record = {"step": state.step, "epoch": state.epoch + state.batch / per_epoch, "loss": mean_loss,
+                          "lr": lr, "samples_per_s": rate,
+                          "grad_norm": None if grad_norm is None else float(grad_norm)}
+                logger.write(record)
+                curve[1:] = [(state.step, mean_loss)]
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
+                if cfg.no_progress:
+                    accelerator.print(f"step {state.step}/{total}: loss {mean_loss:.4f}, lr {lr:.3g}, "
+                                      f"{rate:.1f} samples/s", flush=True)
+                win_loss, win_n, win_samples, t0 = torch.zeros_like(win_loss), 0, 0, time.perf_counter()
+            if state.step % cfg.save_every == 0 or state.step == total:
+                unchecked = save_checkpoint(accelerator, model, optimizer, scheduler, state, run, trainable,
+                                            problems)
+                if eval_sets:
+                    losses = {name: evaluate(accelerator, model, ds, collate, cfg.batch_size)
+                              for name, ds in eval_sets.items()}
+                    logger.write({"step": state.step, "eval_loss": losses})
+                    accelerator.print(f"step {state.step}: eval loss " +
+                                      ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+                    model.train()
+                    net.train()
+                t0 = time.perf_counter()
     except Diverged as e:
         logger.write({"step": e.step, "diverged": e.problem})
         raise Diverged(e.step, e.problem, "no final/ written" + ("; " + _set_aside(run, unchecked) if main else "")) \
