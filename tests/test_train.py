@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -529,6 +530,10 @@ def test_folders_that_are_not_checkpoints_are_ignored_with_a_warning(tmp_path, c
     assert trainer.checkpoints(run)[-1].name == "step-00000003"
     assert (folder / "step-00000002-copy").is_dir() and (folder / "step-notes.txt").is_file()  # left alone
     assert any("step-00000002-copy: not a checkpoint folder name" in r.getMessage() for r in caplog.records)
+    for p in trainer.checkpoints(run):  # only odd folders left: nothing to resume, and final/ is not overwritten
+        shutil.rmtree(p)
+    with pytest.raises(FileNotFoundError, match="has a final/ model but no checkpoint"):
+        train(FinetuneConfig.for_resume(run, max_steps=4))
 
 
 def test_mixed_precision_and_dtype_are_explicit(tmp_path, capsys):

@@ -450,6 +450,8 @@ def _prepare_run_folder(cfg: FinetuneConfig, main: bool) -> tuple[Path, Path | N
     if cfg.resume:
         if not is_run:
             raise FileNotFoundError(f"{run} is not a run folder (no args.json)")
+        if not found and (run / "final").exists():
+            raise FileNotFoundError(f"{run} has a final/ model but no checkpoint to resume from (checkpoints/step-N)")
         if not found and main:
             log.warning("%s has no checkpoint yet: starting it from step 0", run)
         return run, found[-1] if found else None, True
