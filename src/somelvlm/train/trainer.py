@@ -14,7 +14,11 @@ final/                        a complete model folder (`SoMeLVLM.from_pretrained
                               + checkpoint.pth (LAVIS format) with --lavis-checkpoint
 lora-adapter/                 with --lora: the adapters alone (peft format)
 skipped.txt                   every sample left out, with file and line / record
+diverged/step-N/              after a non-finite loss: the checkpoint whose weights gave it
 ```
+A run stops (`Diverged`, no `final/`) when the loss, the learning rate or the weights stop being
+finite; a checkpoint counts as good once the next step's loss is finite, and only then are older
+ones rotated out.
 """
 
 from __future__ import annotations
