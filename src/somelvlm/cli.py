@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .options import GenerationOptions
+
 
 def _config_arg(value: str | None):
     from .config import SoMeLVLMConfig
@@ -96,26 +98,33 @@ def run_convert(args: argparse.Namespace) -> int:
 # generate
 # ------------------------------------------------------------------------------------------------
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """LAVIS's decoding options (defaults: 5 beams, max_length 256, repetition penalty 1.5, ...)."""
-    g = p.add_argument_group("decoding (LAVIS defaults)")
-    g.add_argument("--num-beams", type=int, default=5)
-    g.add_argument("--max-length", type=int, default=256,
-                   help="LAVIS max_length: counts a dummy start token, so at most max_length-1 new tokens")
+    """LAVIS's decoding options; unset flags keep the model folder's generation_config.json (LAVIS's defaults)."""
+    g = p.add_argument_group("decoding (default: the model folder's generation_config.json, else LAVIS's)")
+    g.add_argument("--num-beams", type=int, default=None, help="beams (LAVIS: 5)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="LAVIS max_length: counts a dummy start token, so at most max_length-1 new tokens (LAVIS: 256)")
     g.add_argument("--max-new-tokens", type=int, default=None, help="overrides --max-length")
-    g.add_argument("--min-length", type=int, default=1, help="LAVIS min_length (counts the dummy start token)")
-    g.add_argument("--repetition-penalty", type=float, default=1.5)
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--do-sample", action="store_true", help="nucleus sampling (beam sampling when --num-beams > 1)")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--min-length", type=int, default=None, help="LAVIS min_length (counts the dummy start token; LAVIS: 1)")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="LAVIS: 1.5")
+    g.add_argument("--length-penalty", type=float, default=None, help="beam length penalty (LAVIS: 1)")
+    g.add_argument("--do-sample", action="store_true", default=None,
+                   help="nucleus sampling (beam sampling when --num-beams > 1)")
+    g.add_argument("--top-p", type=float, default=None, help="sampling: nucleus mass in (0, 1] (LAVIS: 0.9)")
+    g.add_argument("--top-k", type=int, default=None, help="sampling: keep the k best tokens, 0 = off (default 50)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 = greedy (LAVIS: 1)")
     g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
-    return dict(num_beams=args.num_beams, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-                min_length=args.min_length, repetition_penalty=args.repetition_penalty,
-                length_penalty=args.length_penalty, do_sample=args.do_sample, top_p=args.top_p,
-                temperature=args.temperature, seed=args.seed)
+    """The decoding flags the user gave, as `GenerationOptions` field overrides."""
+    return {k: v for k in GenerationOptions.names() if (v := getattr(args, k, None)) is not None}
+
+
+def check_generation_options(args: argparse.Namespace, overrides: dict) -> None:
+    """Validate decoding flags before the model loads (against a local folder's stored defaults)."""
+    folder = Path(str(args.model))
+    base = GenerationOptions.load(folder) if folder.is_dir() else GenerationOptions()
+    base.replace(**overrides).validate()
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -143,9 +152,12 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                                    "{text_input, image}); resumable. Without arguments, the built-in tiny "
                                    "model answers a question about a bundled photo.")
     add_model_options(p)
-    p.add_argument("--image", help="image file (default with --model tiny: a bundled sample photo)")
-    p.add_argument("--prompt", help="the instruction / question")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is produced (greedy)")
+    p.add_argument("--image", help="image file; without it the post is text only (no arguments at all with "
+                                   "--model tiny: a demo on a bundled photo)")
+    p.add_argument("--prompt", help="the instruction / question (or the text post itself)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the answer as it is produced: one beam (greedy, or sampling with --do-sample); "
+                        "without --num-beams it decodes with 1 beam")
     p.add_argument("--input", type=Path, help="tasks file (JSONL or a JSON list)")
     p.add_argument("--output", type=Path, help="answers file (JSONL; appended, resumable)")
     p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to")
@@ -165,6 +177,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise SystemExit("--batch-size must be at least 1")
     kwargs = generation_kwargs(args)
+    if args.stream and args.input is None and "num_beams" not in kwargs:
+        kwargs["num_beams"] = 1  # streaming's own default: beam search cannot stream
+    check_generation_options(args, kwargs)
     model = load_model_from_args(args)
     if args.input is not None:
         from .batch import answer_tasks
@@ -175,17 +190,21 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
               f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
         return 0 if res.ok else 1
-    image = args.image
-    if image is None:
+    image, prompt = args.image, args.prompt
+    if image is None and prompt is None:  # the demo
         if args.model not in (None, "tiny"):
-            raise SystemExit("--image is required (or --input/--output)")
-        image = str(asset_path(SAMPLE_IMAGE))
-    prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
+            raise SystemExit("--image and/or --prompt are required (or --input/--output)")
+        image, prompt = str(asset_path(SAMPLE_IMAGE)), DEMO_PROMPT
+    if prompt is None:
+        prompt = DEMO_PROMPT
     if args.stream:
-        if args.num_beams != 1:
-            print("note: streaming decodes greedily (--num-beams 1)", file=sys.stderr)
-        kwargs["num_beams"] = 1
-        for piece in model.generate_stream(image, prompt, **kwargs):
+        from .generation import resolve_options, stream_options, streaming_note
+
+        options = resolve_options(model, **kwargs)
+        note = streaming_note(options)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        for piece in model.generate_stream(image, prompt, options=stream_options(options)):
             print(piece, end="", flush=True)
         print()
     else:
