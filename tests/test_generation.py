@@ -420,3 +420,79 @@ def test_beam_search_where_transformers_5_differs(max_length):
     want = [m.processor.decode(reference_beam_433(m, p, 5, max_length)) for p in prompts]
     assert got == want
     assert got != m.generate(IMG, prompts, num_beams=5, max_length=max_length, fast=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain-text posts: the LLM alone on LAVIS's tokenization ([2] + sentencepiece), no soft prompt
+# ------------------------------------------------------------------------------------------------
+def test_text_only_equals_llama_for_causal_lm(model):
+    """Greedy tokens and ranking scores of a text-only post equal `LlamaForCausalLM` on the same ids."""
+    tok = model.processor.llm_tokenizer
+    for p in PROMPTS[:4]:
+        ids = tok.encode(p)
+        assert ids[0] == 2  # LAVIS: every LLM prompt starts with </s>
+        with torch.no_grad():
+            ref = model.llm.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     do_sample=False, num_beams=1, max_new_tokens=10, eos_token_id=2,
+                                     pad_token_id=2000)[0, len(ids):].tolist()
+        got = gen_ids(model, [p], image=None, max_new_tokens=10, repetition_penalty=1.0)[0]
+        assert strip_tail(got) == strip_tail(ref), p
+        assert model.generate(None, [p], num_beams=1, max_new_tokens=10, repetition_penalty=1.0) == \
+            [model.processor.decode(ref)]
+    prompt, cands = "Is this post hateful? Answer yes or no.", ["yes", "no", "not sure"]
+    p_ids = tok.encode(prompt)
+    for cand, score in model.rank(None, prompt, cands):
+        c_ids = tok.encode(cand, bos=False)
+        with torch.no_grad():
+            logp = model.llm(input_ids=torch.tensor([p_ids + c_ids])).logits[0].log_softmax(-1)
+        want = sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids))
+        assert score == pytest.approx(want, abs=1e-4), cand
+
+
+def test_text_only_stream_and_beams(model):
+    for p in PROMPTS[:3]:
+        assert "".join(model.generate_stream(None, p, max_new_tokens=12)) == \
+            model.generate(None, [p], num_beams=1, max_new_tokens=12)[0]
+    with torch.no_grad():  # beam search on the same ids through transformers (LAVIS penalty by hand)
+        ids = model.processor.llm_tokenizer.encode(PROMPTS[1])
+        ref = model.llm.generate(input_ids=torch.tensor([ids]), num_beams=5, max_new_tokens=12, do_sample=False,
+                                 eos_token_id=2, pad_token_id=2000, logits_processor=[penalty_433_ids(1.5, len(ids))])
+    assert model.generate(None, [PROMPTS[1]], max_new_tokens=12, fast=False) == \
+        [model.processor.decode(ref[0, len(ids):].tolist())]
+
+
+def penalty_433_ids(penalty: float, prompt_len: int):
+    """`penalty_433` for a `generate` given `input_ids`: the prompt is not penalised."""
+    inner = penalty_433(penalty)
+    return lambda input_ids, scores: inner(input_ids[:, prompt_len:], scores)
+
+
+@pytest.mark.parametrize("beams", [1, 5])
+def test_mixed_text_and_image_batch_equals_one_by_one(model, beams, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    other = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(other)
+    images = [IMG, None, str(other), None, IMG, None]
+    prompts = PROMPTS[:6]
+    kw = dict(num_beams=beams, max_new_tokens=10)
+    batched = model.generate(images, prompts, **kw)
+    single = [model.generate(im, [p], **kw)[0] for im, p in zip(images, prompts)]
+    assert batched == single
+    assert model.generate(images, prompts, batch_size=4, **kw) == single
+    text_only = [model.generate(None, [p], **kw)[0] for p in prompts]
+    assert [a == b for a, b in zip(single, text_only)] != [True] * 6  # the image rows really used their image
+
+
+def test_features_with_text_only_rows(model):
+    from somelvlm.generation import NO_IMAGE, ImageFeatures
+
+    feats = features_for(model, [None, IMG, None, IMG], 4)
+    assert feats.rows().tolist() == [NO_IMAGE, 0, NO_IMAGE, 0] and feats.embeds.shape[0] == 1
+    both = ImageFeatures.concat([feats.select([0, 1]), model.encode_images(IMG)])
+    assert both.rows().tolist() == [NO_IMAGE, 0, 1]
+    assert features_for(model, None, 3) is None and features_for(model, [None, None], 2) is None
+    prompts = PROMPTS[:3]
+    assert model.generate(both, prompts, num_beams=1, max_new_tokens=6) == \
+        [model.generate(im, [p], num_beams=1, max_new_tokens=6)[0] for im, p in zip([None, IMG, IMG], prompts)]

@@ -128,8 +128,9 @@ def features_for(model: Any, images: Any, n: int) -> ImageFeatures | None:
                 unique.append(x)
         if not unique:
             return None
-        feats = encode_images(model, unique)
-        return feats.select([NO_IMAGE if k is None else slot[k] for k in keys])
+        embeds = encode_images(model, unique).embeds
+        index = [NO_IMAGE if k is None else slot[k] for k in keys]
+        return ImageFeatures(embeds, torch.tensor(index, dtype=torch.long, device=embeds.device))
     feats = encode_images(model, images)
     if len(feats) == n:
         return feats
