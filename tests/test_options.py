@@ -179,3 +179,17 @@ def test_cli_bad_options_in_a_real_process(model):
     n = len(model.processor.llm_tokenizer.encode("x"))  # a text-only post: no query tokens
     assert lines == [f"error: invalid generation option: max_new_tokens=5000 with a {n}-token input exceeds the "
                      f"model's 1024 positions (at most {1024 - n} new tokens fit)"]
+
+
+def test_folder_defaults_are_read_and_checked(tmp_path, monkeypatch, capsys):
+    import json
+
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 1, "max_new_tokens": 7,
+                                                                 "eos_token_id": 2}))
+    assert GenerationOptions.load(tmp_path) == GenerationOptions(num_beams=1, max_new_tokens=7)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"num_beams": 0}))
+    with pytest.raises(ValueError, match=r"generation_config.json: invalid generation option: num_beams must be"):
+        GenerationOptions.load(tmp_path)
+    monkeypatch.setattr(SoMeLVLM, "load", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1  # named before the model loads
+    assert "generation_config.json: invalid generation option" in capsys.readouterr().err
