@@ -105,46 +105,59 @@ def test_prompt_length_counts_the_soft_prompt_only_with_an_image(model):
         model.generate(None, [prompt], num_beams=1, max_new_tokens=fits_text_only + 1)
 
 
-def test_streaming_note_is_true_and_only_when_it_changes_the_result():
+def test_streaming_note_says_when_streaming_changes_the_result():
     assert streaming_note(GenerationOptions(num_beams=1)) is None
     assert streaming_note(GenerationOptions(num_beams=1, do_sample=True)) is None
     note = streaming_note(GenerationOptions(num_beams=5))
-    assert "greedy" in note and "beam search" in note
+    assert "1 beam (greedy search), not beam search with num_beams=5" in note
     note = streaming_note(GenerationOptions(num_beams=3, do_sample=True))
-    assert "sampling" in note and "greedy" not in note
+    assert "1 beam (sampling), not beam sampling" in note and "greedy" not in note
     assert "greedy" in streaming_note(GenerationOptions(num_beams=3, do_sample=True, temperature=0.0))
+    assert "num_return_sequences=2" in streaming_note(GenerationOptions(num_beams=1, do_sample=True,
+                                                                        num_return_sequences=2))
     assert stream_options(GenerationOptions(num_beams=4, do_sample=True)) == GenerationOptions(num_beams=1,
                                                                                             do_sample=True)
 
 
-def test_cli_stream_note(model, monkeypatch, capsys):
+def test_stream_beams_only_from_defaults_become_one(model):
+    """The model's default 5 beams become one when streaming; beams asked for are refused, saying why."""
+    want = model.generate(IMG, PROMPTS[0], num_beams=1, max_new_tokens=6)[0]
+    assert "".join(model.generate_stream(IMG, PROMPTS[0], max_new_tokens=6)) == want
+    with pytest.raises(ValueError, match=r"a beam search cannot stream .*1 beam \(sampling\)"):
+        model.generate_stream(IMG, PROMPTS[0], num_beams=3, do_sample=True)
+    with pytest.raises(ValueError, match="not beam search with num_beams=5"):
+        model.generate_stream(IMG, PROMPTS[0], options=GenerationOptions())
+
+
+def test_cli_stream_rule(model, monkeypatch, capsys):
     monkeypatch.setattr(SoMeLVLM, "load", classmethod(lambda cls, *a, **k: model))
     base = ["generate", "--image", IMG, "--prompt", PROMPTS[0], "--max-new-tokens", "6", "--stream"]
-    assert main(base) == 0  # plain --stream: one beam by its own default, no note
+    assert main(base) == 0  # plain --stream: one beam by its own default, nothing to say
     out = capsys.readouterr()
-    assert "note" not in out.err
+    assert "note" not in out.err and "error" not in out.err
     assert out.out.strip() == model.generate(IMG, PROMPTS[0], num_beams=1, max_new_tokens=6)[0]
     assert main(base + ["--do-sample", "--seed", "3"]) == 0
     out = capsys.readouterr()
-    assert "note" not in out.err
+    assert "note" not in out.err and "error" not in out.err
     assert out.out.strip() == model.generate(IMG, PROMPTS[0], num_beams=1, do_sample=True, seed=3,
                                              max_new_tokens=6)[0]
-    assert main(base + ["--do-sample", "--num-beams", "3", "--seed", "3"]) == 0
-    out = capsys.readouterr()
-    assert out.err.count("note:") == 1 and "sampling" in out.err and "greedy" not in out.err
-    assert out.out.strip() == model.generate(IMG, PROMPTS[0], num_beams=1, do_sample=True, seed=3,
-                                             max_new_tokens=6)[0]
-    assert main(base + ["--num-beams", "2"]) == 0
-    assert "1 beam (greedy search) instead of beam search" in capsys.readouterr().err
+    assert main(base + ["--do-sample", "--num-beams", "3"]) == 1  # today: "decodes greedily", and went on
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "1 beam (sampling), not beam sampling" in err and "greedy" not in err
+    assert main(base + ["--num-beams", "2"]) == 1
+    assert "1 beam (greedy search), not beam search with num_beams=2" in capsys.readouterr().err
 
 
-CLI_BAD = [
-    (["--num-beams", "0"], "num_beams must be >= 1, got 0"),
-    (["--temperature", "-1"], "temperature must be >= 0"),
-    (["--temperature", "nan"], "temperature must be a finite number"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--repetition-penalty", "0"], "repetition_penalty must be > 0"),
+def test_cli_text_only_post(model, monkeypatch, capsys):
+    monkeypatch.setattr(SoMeLVLM, "load", classmethod(lambda cls, *a, **k: model))
+    post = "Is this tweet sarcastic? 'lol great, another monday'"
+    assert main(["generate", "--prompt", post, "--num-beams", "1", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == model.generate(None, [post], num_beams=1, max_new_tokens=6)[0]
+    assert main(["generate", "--prompt", post, "--max-new-tokens", "6", "--stream"]) == 0
+    assert capsys.readouterr().out.strip() == model.generate(None, [post], num_beams=1, max_new_tokens=6)[0]
+
+
+CLI_BAD = [  # beside tests/test_bad_inputs.py's rows
     (["--min-length", "400"], "minimum length (399 new tokens) is above the maximum (255)"),
     (["--top-k", "-1"], "top_k must be >= 0"),
 ]
@@ -158,28 +171,19 @@ def test_cli_bad_options_before_the_model_loads(flags, message, monkeypatch, cap
     monkeypatch.setattr(SoMeLVLM, "load", classmethod(no_load))
     assert main(["generate", "--image", IMG, "--prompt", "x", *flags]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and message in err and err.startswith("error:")
+    assert err.count("\n") == 0 and err.startswith("somelvlm generate: error: ") and message in err
 
 
-def test_cli_bad_options_in_a_real_process(model):
-    """The real `python -m somelvlm`: a parse-time error (no model load: no 'RANDOM weights' warning)
-    and a length error found after load; exit code 1, one line, no traceback."""
-    runs = {
-        "beams": [sys.executable, "-m", "somelvlm", "generate", "--num-beams", "0"],
-        "positions": [sys.executable, "-m", "somelvlm", "generate", "--prompt", "x", "--max-new-tokens", "5000"],
-    }
-    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k, c in runs.items()}
-    results = {k: p.communicate(timeout=300) for k, p in procs.items()}
-    out, err = results["beams"]
-    assert procs["beams"].returncode == 1 and out == ""
-    assert err.strip() == "error: invalid generation option: num_beams must be >= 1, got 0"
-    out, err = results["positions"]
-    assert procs["positions"].returncode == 1 and out == "" and "Traceback" not in err
-    lines = [line for line in err.splitlines() if not line.startswith("WARNING")]
+def test_cli_too_many_new_tokens_in_a_real_process(model):
+    """The real `python -m somelvlm`: the positions check needs the model (after load); exit code 1, one
+    line, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "somelvlm", "generate", "--prompt", "x", "--max-new-tokens", "5000"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if not line.startswith("WARNING")]
     n = len(model.processor.llm_tokenizer.encode("x"))  # a text-only post: no query tokens
-    assert lines == [f"error: invalid generation option: max_new_tokens=5000 with a {n}-token input exceeds the "
-                     f"model's 1024 positions (at most {1024 - n} new tokens fit)"]
-
+    assert lines == [f"somelvlm generate: error: invalid generation option: max_new_tokens=5000 with a {n}-token "
+                     f"input exceeds the model's 1024 positions (at most {1024 - n} new tokens fit)"]
 
 def test_folder_defaults_are_read_and_checked(tmp_path, monkeypatch, capsys):
     import json
@@ -192,4 +196,4 @@ def test_folder_defaults_are_read_and_checked(tmp_path, monkeypatch, capsys):
         GenerationOptions.load(tmp_path)
     monkeypatch.setattr(SoMeLVLM, "load", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1  # named before the model loads
-    assert "generation_config.json: invalid generation option" in capsys.readouterr().err
+    assert "generation_config.json: invalid generation option: num_beams" in capsys.readouterr().err

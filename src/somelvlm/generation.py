@@ -350,29 +350,33 @@ def stream_options(options: GenerationOptions) -> GenerationOptions:
 
 
 def streaming_note(options: GenerationOptions) -> str | None:
-    """Why streaming gives another answer than `generate` with `options`, or None when it gives the same."""
+    """None when streaming decodes what `generate` would with `options`; else why it cannot."""
     if options.num_beams == 1 and options.num_return_sequences == 1:
         return None
     how = "greedy search" if stream_options(options).greedy else "sampling"
-    asked = ("beam sampling" if not options.greedy else "beam search") if options.num_beams > 1 else "sampling"
-    return (f"streaming decodes one answer with 1 beam ({how}) instead of {asked} with num_beams="
-            f"{options.num_beams}, num_return_sequences={options.num_return_sequences}; the answer can differ")
+    if options.num_beams > 1:
+        asked = "beam sampling" if not options.greedy else "beam search"
+        return (f"a beam search cannot stream (its best answer is known only at the end): streaming decodes one "
+                f"answer with 1 beam ({how}), not {asked} with num_beams={options.num_beams}")
+    return (f"streaming decodes one answer ({how}), not num_return_sequences={options.num_return_sequences}")
 
 
 def generate_stream(model: Any, image: Any, prompt: str, options: GenerationOptions | None = None,
                     **overrides: Any) -> Iterator[str]:
     """Yield text pieces as the model produces them; `"".join(...)` equals `generate(...)[0]` with
     `stream_options` of the same options. `image=None`: a text-only post. Streaming decodes one beam
-    (greedy, or sampling with `do_sample`); asking for `num_beams > 1` here is a ValueError, while
-    beams from the model's defaults are reduced to one (see `streaming_note`). Options are checked
+    (greedy, or sampling with `do_sample`); asking for `num_beams > 1` here (or in `options`) is a
+    ValueError saying why (`streaming_note`), while beams from the model's defaults become one. Options are checked
     when this is called, before the first piece is asked for."""
-    asked = dict(options.to_dict() if options is not None else {}, **overrides)
-    if asked.get("num_beams", 1) != 1 or asked.get("num_return_sequences", 1) != 1:
-        raise ValueError("streaming works with num_beams=1 and num_return_sequences=1 (greedy or sampling)")
+    resolved = resolve_options(model, options, **overrides)
+    asked = options is not None or "num_beams" in overrides or "num_return_sequences" in overrides
+    note = streaming_note(resolved) if asked else None  # beams from the model's defaults become one
+    if note:
+        raise ValueError(f"{note}; use num_beams=1")
     prompts = _as_list(prompt)
     if len(prompts) != 1:
         raise ValueError("generate_stream answers one prompt")
-    opts, feats = _prepare(model, image, prompts, stream_options(resolve_options(model, options, **overrides)), {})
+    opts, feats = _prepare(model, image, prompts, stream_options(resolved), {})
     return _stream(model, feats, prompts, opts)
 
 
