@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 from . import __version__, train
 from .config import SoMeLVLMConfig
 from .devices import resolve_device
+from .generation import streaming_note
 from .console import run_command, setup_logging
 from .model import SoMeLVLM
 from .options import GenerationOptions
@@ -81,7 +82,8 @@ def add_decoding_options(p: argparse.ArgumentParser) -> None:
 def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The decoding flags that were given, checked against LAVIS's defaults before any model loads."""
     given = {k: getattr(args, k) for k in DECODING_HELP if hasattr(args, k)}
-    GenerationOptions().replace(**given).validate()
+    folder = Path(str(getattr(args, "model", None)))  # a local folder's stored defaults, checked too
+    (GenerationOptions.load(folder) if folder.is_dir() else GenerationOptions()).replace(**given).validate()
     return given
 
 
@@ -183,8 +185,9 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
                                    "{text_input, image}); resumable. Without arguments, the built-in tiny "
                                    "model answers a question about a bundled photo (a short random answer).")
     add_model_options(p)
-    p.add_argument("--image", help="image file (default with --model tiny: a bundled sample photo)")
-    p.add_argument("--prompt", help="the instruction / question")
+    p.add_argument("--image", help="image file; without it the post is text only (without --image and "
+                                   "--prompt, --model tiny runs a demo on a bundled photo)")
+    p.add_argument("--prompt", help="the instruction / question (with the post's text)")
     p.add_argument("--stream", action="store_true",
                    help="print the answer as it is produced; decodes one sequence (greedy, or sampling "
                         "with --do-sample): --num-beams must be 1 or left out")
@@ -210,17 +213,17 @@ def run_generate(args: argparse.Namespace) -> int:
         require_file(args.input, "tasks file")
         require_file(args.images_root, "images folder")
         return _answer_file(args, overrides)
-    demo = args.image is None and args.model in (None, "tiny")
-    if args.image is None and not demo:
-        raise ValueError("--image is required (or --input/--output)")
-    image = str(asset_path(SAMPLE_IMAGE)) if demo else args.image
+    demo = args.image is None and args.prompt is None and args.model in (None, "tiny")
+    if args.image is None and args.prompt is None and not demo:
+        raise ValueError("--prompt is required (with --image for a post with an image), or --input/--output")
+    image = str(asset_path(SAMPLE_IMAGE)) if demo else args.image  # None: a text-only post
     require_file(image, "image")
     prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
     if args.stream:
-        if overrides.get("num_beams", 1) != 1:
-            raise ValueError("--stream shows one sequence as it is decoded; a beam search cannot stream: "
-                             "use --num-beams 1 or drop --stream")
-        overrides["num_beams"] = 1
+        overrides.setdefault("num_beams", 1)
+        note = streaming_note(GenerationOptions().replace(**overrides))
+        if note:
+            raise ValueError(f"--stream: {note}: use --num-beams 1 or drop --stream")
     if demo:
         overrides.setdefault("max_new_tokens", DEMO_MAX_NEW_TOKENS)
         print(f"demo: photo {image}\ndemo: prompt {prompt!r}", file=sys.stderr)
