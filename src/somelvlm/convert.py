@@ -178,15 +178,14 @@ def convert_lavis(
         writer = StreamingShardWriter(tmp, specs, max_shard_bytes)
         seen: dict[str, torch.Tensor] = {}
         origin: dict[str, str] = {}
-        bar = tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress)
-        for name, t, f in src.tensors():
-            if name in specs and tuple(t.shape) == specs[name][0]:
-                check_dtype(name, t, specs[name][1].is_floating_point, str(f), allow_float64=True)
-                writer.put(name, t.to(specs[name][1]))
-            seen[name] = torch.empty(t.shape, device="meta")
-            origin[name] = str(f)
-            bar.update(1)
-        bar.close()
+        with tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress) as bar:
+            for name, t, f in src.tensors():
+                if name in specs and tuple(t.shape) == specs[name][0]:
+                    check_dtype(name, t, specs[name][1].is_floating_point, str(f), allow_float64=True)
+                    writer.put(name, t.to(specs[name][1]))
+                seen[name] = torch.empty(t.shape, device="meta")
+                origin[name] = str(f)
+                bar.update(1)
         drop_unknown(expected, seen, origin, {str(src.vit)}, strict)
         check_state_dict(expected, seen, origin)
         if writer.missing():  # cannot happen after the check above; never leave a hole in a shard

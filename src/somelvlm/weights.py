@@ -47,7 +47,7 @@ def load_file(path: str | Path, mmap: bool = True) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
         what = f" (it references {found.group(1)})" if found else ""
         raise WeightsError(
             f"{path}: refused to load: it contains pickled objects that are not plain tensors/containers{what}; "
