@@ -14,6 +14,7 @@ Layouts (`detect_format`):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -150,12 +151,12 @@ def cache_dir() -> Path:
 
 
 def fetch_url(url: str, progress: bool = True) -> Path:
-    """Download `url` into `cache_dir()` once (a progress bar; a `.part` file renamed at the end, so an
+    """Download `url` into `cache_dir()/<url hash>/` once (a progress bar; a `.part` file renamed at the end, so an
     interrupted download leaves no half file under the final name); later calls reuse it."""
     from tqdm.auto import tqdm
 
     name = Path(urllib.parse.urlparse(url).path).name or "download"
-    target = cache_dir() / name
+    target = cache_dir() / hashlib.sha256(url.encode()).hexdigest()[:16] / name  # one folder per URL
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
