@@ -133,7 +133,7 @@ def test_missing_repo_revision_or_url_is_one_clear_line(hub, tmp_path, args, nee
     args = [str(asset_path(SAMPLE_IMAGE)) if a == "IMG" else str(tmp_path / "out") if a == "OUT" else a for a in args]
     r = run(hub["env"], sys.executable, "-m", "somelvlm", *args)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    line = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    line = [x for x in r.stderr.splitlines() if x.startswith("somelvlm") and ": error: " in x]
     assert len(line) == 1, r.stderr
     for n in needles:
         assert n in line[0], (n, line[0])

@@ -33,7 +33,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
     assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("somelvlm") and ": error: " in line]
     assert len(errors) == 1, r.stderr[-2000:]
     message = r.stderr[r.stderr.index(errors[0]):]  # a key list may follow the line, indented
     for n in needles:
