@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .engines import cli as engines_cli
+from .options import GenerationOptions
+
 
 def _config_arg(value: str | None):
     from .config import SoMeLVLMConfig
@@ -146,11 +149,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image", help="image file (default with --model tiny: a bundled sample photo)")
     p.add_argument("--prompt", help="the instruction / question")
     p.add_argument("--stream", action="store_true", help="print the answer as it is produced (greedy)")
-    p.add_argument("--input", type=Path, help="tasks file (JSONL or a JSON list)")
-    p.add_argument("--output", type=Path, help="answers file (JSONL; appended, resumable)")
-    p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     p.add_argument("--no-progress", action="store_true")
+    engines_cli.add_arguments(p)
     add_generation_options(p)
     p.set_defaults(func=run_generate)
 
@@ -162,19 +162,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise SystemExit("--input and --output go together")
     if args.input is not None and (args.image or args.prompt):
         raise SystemExit("use either --input/--output or --image/--prompt")
-    if args.batch_size < 1:
-        raise SystemExit("--batch-size must be at least 1")
     kwargs = generation_kwargs(args)
-    model = load_model_from_args(args)
     if args.input is not None:
-        from .batch import answer_tasks
-
-        res = answer_tasks(model, args.input, args.output, images_root=args.images_root,
-                           batch_size=args.batch_size, progress=not args.no_progress, **kwargs)
-        rate = res.answered / res.seconds if res.seconds else 0.0
-        print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
-              f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
-        return 0 if res.ok else 1
+        return engines_cli.run(args, GenerationOptions.from_dict(kwargs), lambda device: load_model_from_args(
+            args if device is None else argparse.Namespace(**{**vars(args), "device": str(device)})))
+    model = load_model_from_args(args)
     image = args.image
     if image is None:
         if args.model not in (None, "tiny"):
