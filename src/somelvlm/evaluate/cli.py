@@ -65,6 +65,8 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help='extra model.generate keywords as JSON, e.g. \'{"top_p": 0.9}\'')
     parser.add_argument("--judge", help="MODULE:FUNCTION, a judge(prompt, prediction, reference) -> float "
                                         "averaged over generation samples")
+    parser.add_argument("--force", action="store_true",
+                        help="resume predictions written with another model or other decoding options")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -109,7 +111,8 @@ def _run_model(args: argparse.Namespace) -> dict:
     return evaluate(_load_model(args), args.data, args.images_root, out.parent, mode=args.mode,
                     batch_size=args.batch_size, generate_kwargs=kwargs, limit=args.limit,
                     predictions_path=args.predictions or out.with_name(f"{out.stem}.predictions.jsonl"),
-                    report_path=out, judge=judge, progress=not args.no_progress)
+                    report_path=out, judge=judge, progress=not args.no_progress, model_spec=args.model,
+                    force=args.force)
 
 
 def _load_model(args: argparse.Namespace) -> Any:
