@@ -233,7 +233,7 @@ def to_task(record: Any, where: str, position: int, columns: Columns, root: Path
     if name is None:
         tid = position
     elif isinstance(tid, bool) or not isinstance(tid, (str, int)):
-        raise BadRecord(f"id {name!r} must be a string or an integer, got {type(tid).__name__}")
+        raise BadRecord(f"the id (column {name!r}) must be a string or an integer, got {type(tid).__name__}")
     _, image = columns.pick("image", record)
     image = _image(image, root)
     _, reference = columns.pick("reference", record)
