@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..options import GenerationOptions
-from ..tasks.job import JobSpec, run_job
+from ..tasks.job import JobSpec
 from ..tasks.output import OUTPUT_FORMATS, check_output
 from ..tasks.records import FORMATS, Columns
 from ..tasks.templates import describe, template
-from .accelerate import run_distributed, world_size
+from .accelerate import run_distributed, run_single, world_size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,7 +80,8 @@ def run(args: argparse.Namespace, options: GenerationOptions, load_model: Callab
     elif world_size() > 1:
         result = run_distributed(load_model, args.model, spec, progress, args.force)
     else:
-        model = load_model(None)
-        result = run_job(model, spec, spec.settings(model, args.model), progress, args.force)
+        result = run_single(load_model(None), args.model, spec, progress, args.force)
+    if result is None:  # not the main process of a distributed run: it reports for all
+        return 0
     print(result.summary(spec.output), file=sys.stderr)
     return 0 if result.ok else 1

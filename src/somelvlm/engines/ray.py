@@ -26,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ..config import SoMeLVLMConfig
+from ..model import SoMeLVLM
 from ..options import GenerationOptions
+from ..processing import preprocess_image
 from ..tasks.answer import answer_tasks
 from ..tasks.job import JobResult, JobSpec, answer_row
 from ..tasks.output import AnswerWriter, RunSettings, check_output
@@ -66,35 +69,23 @@ def _task(d: dict) -> Task:
     return Task(d["id"], d["prompt"], image, d["where"], None, d["extra"])
 
 
-class Decoder:
-    """Reading stage (CPU workers): image -> preprocessed float32 pixels, or an error."""
-
-    def __init__(self, image_size: int) -> None:
-        from ..processing import preprocess_image
-
-        self.image_size, self.preprocess = image_size, preprocess_image
-
-    def __call__(self, row: dict) -> dict:
-        task = _task(json.loads(row["task"]))
-        pixels, error = b"", ""
-        if task.image is not None:
-            source = task.image if isinstance(task.image, bytes) else str(task.image)
-            try:
-                pixels = self.preprocess(source, self.image_size).numpy().astype(np.float32).tobytes()
-            except IMAGE_ERRORS as e:
-                error = f"cannot use image {task.image_label()}: {e}"
-        return {**row, "pixels": pixels, "error": error}
+def decode(row: dict, image_size: int) -> dict:
+    """Reading stage (CPU tasks): the task's image -> preprocessed float32 pixels, or an error."""
+    task = _task(json.loads(row["task"]))
+    pixels, error = b"", ""
+    if task.image is not None:
+        source = task.image if isinstance(task.image, bytes) else str(task.image)
+        try:
+            pixels = preprocess_image(source, image_size).numpy().astype(np.float32).tobytes()
+        except IMAGE_ERRORS as e:
+            error = f"cannot use image {task.image_label()}: {e}"
+    return {**row, "pixels": pixels, "error": error}
 
 
 class Answerer:
     """Model stage: one model per actor; a batch is answered grouped by image."""
 
     def __init__(self, model: str, dtype: str | None, device: str | None, options: dict, batch_size: int) -> None:
-        import torch
-
-        from ..model import SoMeLVLM
-
-        self.torch = torch
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = SoMeLVLM.load(model, dtype=dtype, device=device)
         self.options, self.batch_size = GenerationOptions.from_dict(options), batch_size
@@ -112,7 +103,7 @@ class Answerer:
             tasks.append(task)
             if task.image is not None and task.image_key not in pixels:
                 array = np.frombuffer(bytes(data), dtype=np.float32).reshape(3, self.size, self.size)
-                pixels[task.image_key] = self.torch.from_numpy(array.copy())
+                pixels[task.image_key] = torch.from_numpy(array.copy())
 
         def on_answer(task: Task, answer: str) -> None:
             out["row"].append(json.dumps(answer_row(task, answer), ensure_ascii=False))
@@ -150,9 +141,10 @@ def answer_dataset(spec: JobSpec, model: str = "tiny", dtype: str | None = None,
             log.error(row["problem"])
             result.failures.append(row["problem"])
         result.skipped = ds.filter(lambda r: not r["problem"]).count() - todo.count()
-        answered = todo.map(Decoder, fn_constructor_kwargs={"image_size": image_size}, concurrency=max(1, actors)) \
+        # its own CPU tasks (a resource request unlike the actors', so Ray does not fuse the stages)
+        answered = todo.map(decode, fn_kwargs={"image_size": image_size}, num_cpus=0.5) \
             .map_batches(Answerer, batch_size=rows_per_batch, concurrency=actors, num_gpus=gpus_per_actor,
-                         fn_constructor_kwargs={"model": model, "dtype": dtype, "device": device,
+                         num_cpus=0 if gpus_per_actor else 1, fn_constructor_kwargs={"model": model, "dtype": dtype, "device": device,
                                                 "options": spec.options.to_dict(), "batch_size": spec.batch_size})
         for row in answered.iter_rows():
             if row["error"]:

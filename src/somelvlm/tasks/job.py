@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -71,11 +70,16 @@ class JobResult:
                 f"({rate:.2f} tasks/s) -> {output}{again}")
 
 
-def shard_of(task: Task, num_shards: int) -> int:
-    """Which of `num_shards` processes answers `task`: all tasks of one image go to the same one."""
-    key = task.image_label() if not isinstance(task.image, bytes) else task.image[:4096]
-    data = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else (key or b"")
-    return zlib.crc32(data) % num_shards
+def shard(tasks: Sequence[Task], index: int, count: int) -> list[Task]:
+    """Process `index` of `count`'s share: images dealt round-robin in first-seen order (all tasks of
+    an image go to one process, so it is encoded once), text-only tasks round-robin by position."""
+    slots: dict[Any, int] = {}
+    mine = []
+    for position, t in enumerate(tasks):
+        slot = position if t.image is None else slots.setdefault(t.image_key, len(slots))
+        if slot % count == index:
+            mine.append(t)
+    return mine
 
 
 def answer_row(task: Task, answer: str) -> dict:
@@ -83,20 +87,21 @@ def answer_row(task: Task, answer: str) -> dict:
 
 
 def run_job(model: Any, spec: JobSpec, settings: RunSettings, progress: bool = True, force: bool = False,
-            output: Path | None = None, done: Sequence[Any] = (), shard: tuple[int, int] | None = None,
+            output: Path | None = None, done: Sequence[Any] = (), part: tuple[int, int] | None = None,
             report_problems: bool = True) -> JobResult:
     """Answer `spec.input` into `output` (default `spec.output`), skipping ids in the output or `done`.
 
-    `shard=(index, count)` answers only the tasks of `shard_of(task, count) == index`."""
+    `part=(index, count)` answers only `shard(todo, index, count)` of the tasks still to do."""
     start = time.perf_counter()
     problems = Problems(verbose=report_problems)
     tasks = spec.read(problems)
     result = JobResult(failures=problems.lines() if report_problems else [])
     with AnswerWriter(output or spec.output, [spec.input], settings, force=force, fmt=spec.output_format) as writer:
         finished = set(writer.done) | set(done)
-        mine = [t for t in tasks if shard is None or shard_of(t, shard[1]) == shard[0]]
-        todo = [t for t in mine if t.id not in finished]
-        result.skipped, result.retried = len(mine) - len(todo), writer.retried
+        todo = [t for t in tasks if t.id not in finished]
+        result.skipped, result.retried = len(tasks) - len(todo), writer.retried
+        if part is not None:
+            todo = shard(todo, *part)
         with logging_redirect_tqdm(), tqdm(total=len(todo), unit="task", desc="answering",
                                            disable=not progress) as bar:
             def on_answer(task: Task, answer: str) -> None:
