@@ -118,7 +118,7 @@ class Answerer:
 
 
 def answer_dataset(spec: JobSpec, model: str = "tiny", dtype: str | None = None, device: str | None = None,
-                   actors: int = 1, gpus_per_actor: float = 0, rows_per_batch: int = 64,
+                   actors: int = 1, gpus_per_actor: float = 0, cpus_per_actor: float = 1.0, rows_per_batch: int = 64,
                    force: bool = False, settings: RunSettings | None = None) -> JobResult:
     """Run `spec` on the connected Ray cluster (`ray.init()` first, or a local one is started)."""
 
@@ -144,7 +144,7 @@ def answer_dataset(spec: JobSpec, model: str = "tiny", dtype: str | None = None,
         # its own CPU tasks (a resource request unlike the actors', so Ray does not fuse the stages)
         answered = todo.map(decode, fn_kwargs={"image_size": image_size}, num_cpus=0.5) \
             .map_batches(Answerer, batch_size=rows_per_batch, concurrency=actors, num_gpus=gpus_per_actor,
-                         num_cpus=0 if gpus_per_actor else 1, fn_constructor_kwargs={"model": model, "dtype": dtype, "device": device,
+                         num_cpus=0 if gpus_per_actor else cpus_per_actor, fn_constructor_kwargs={"model": model, "dtype": dtype, "device": device,
                                                 "options": spec.options.to_dict(), "batch_size": spec.batch_size})
         for row in answered.iter_rows():
             if row["error"]:
