@@ -43,7 +43,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("somelvlm generate: error: ")]
     assert len(errors) == 1, proc.stderr
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])

@@ -55,7 +55,7 @@ def job_spec(args: argparse.Namespace, options: GenerationOptions) -> JobSpec:
     if args.ray_actors < 1:
         raise ValueError("--ray-actors must be at least 1")
     if not args.input.is_file():
-        raise FileNotFoundError(f"task file not found: {args.input}")
+        raise FileNotFoundError(f"tasks file not found: {args.input}")
     if args.images_root is not None and not args.images_root.is_dir():
         raise FileNotFoundError(f"--images-root is not a folder: {args.images_root}")
     keep = tuple(c.strip() for c in args.keep_columns.split(",") if c.strip())
@@ -68,9 +68,12 @@ def job_spec(args: argparse.Namespace, options: GenerationOptions) -> JobSpec:
     return spec
 
 
-def run(args: argparse.Namespace, options: GenerationOptions, load_model: Callable[[Any], Any]) -> int:
-    """Run `generate --input`; `load_model(device)` loads the model (device None: the default)."""
-    spec = job_spec(args, options)
+def run(args: argparse.Namespace, overrides: dict[str, Any], load_model: Callable[[Any], Any]) -> int:
+    """Run `generate --input` with the decoding flags given (`overrides`, over the model folder's
+    stored defaults); `load_model(device)` loads the model (device None: the default)."""
+    folder = Path(str(args.model))
+    stored = GenerationOptions.load(folder) if folder.is_dir() else GenerationOptions()
+    spec = job_spec(args, stored.replace(**overrides))
     progress = not args.no_progress
     if args.engine == "ray":
         from .ray import answer_dataset
