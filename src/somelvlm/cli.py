@@ -199,6 +199,7 @@ def run_generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, train
     from .evaluate import cli as evaluate_cli
+    from .serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(prog="somelvlm", description="SoMeLVLM / InstructBLIP-Vicuna in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"somelvlm {__version__}")
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     evaluate_cli.add_parser(sub)
     train.add_parser(sub)
+    serve_cli.add_serve(sub)
+    serve_cli.add_demo(sub)
     return parser
 
 
