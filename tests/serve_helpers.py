@@ -72,3 +72,38 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+class ThreadServer:
+    """`somelvlm serve ARGS` run in-process: the real CLI parsing, app and uvicorn server, on a thread
+    (the test process has torch imported already, which saves the subprocess's start-up)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
+        import threading
+
+        from somelvlm.cli import build_parser
+        from somelvlm.serve.cli import build_server
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})
+        try:
+            self.server = build_server(build_parser().parse_args(["serve", "--port", str(self.port), *args]))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -16,7 +16,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from serve_helpers import ServerProcess, data_url, png_bytes  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from serve_helpers import ThreadServer, data_url, png_bytes  # noqa: E402
 
 KEY = "test-key-123"
 RED, BLUE, GREEN = png_bytes((200, 20, 20)), png_bytes((20, 20, 200), (33, 47)), png_bytes((10, 180, 30))
@@ -51,10 +54,9 @@ def remote_site(files):
 
 @pytest.fixture(scope="module")
 def server(files):
-    srv = ServerProcess("serve", ["--model", "tiny", "--images-root", str(files / "images"), "--allow-remote-images",
-                                  "--max-image-mb", str(MAX_IMAGE_BYTES / 2**20), "--max-image-pixels", "250000",
-                                  "--batch-window-ms", "100", "--image-timeout", "5"],
-                        files / "server.log", env={"SOMELVLM_API_KEY": KEY})
+    srv = ThreadServer(["--model", "tiny", "--images-root", str(files / "images"), "--allow-remote-images",
+                        "--max-image-mb", str(MAX_IMAGE_BYTES / 2**20), "--max-image-pixels", "250000",
+                        "--batch-window-ms", "100", "--image-timeout", "5"], env={"SOMELVLM_API_KEY": KEY})
     yield srv
     srv.stop()
 
@@ -187,7 +189,14 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(server, remote_si
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     ok = post(server, {"messages": user("still there?", data_url(RED)), "max_tokens": 3, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
-    assert "Traceback" not in server.output()
+
+
+def test_cli_rejects_bad_flags_in_one_line():
+    r = subprocess.run([sys.executable, "-m", "somelvlm", "serve", "--images-root", "/nonexistent/dir"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == "error: --images-root /nonexistent/dir is not a folder", r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_concurrent_requests_batch_and_equal_alone(server, remote_site):

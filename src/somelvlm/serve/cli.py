@@ -71,6 +71,16 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    build_server(args).run()
+    return 0
+
+
+def build_server(args: argparse.Namespace) -> Any:
+    """The `uvicorn.Server` that `somelvlm serve ARGS` runs (its model loaded); `.run()` serves."""
+    if args.batch_window_ms < 0:
+        raise ValueError("--batch-window-ms must be >= 0")
+    if args.images_root is not None and not args.images_root.is_dir():
+        raise ValueError(f"--images-root {args.images_root} is not a folder")
     try:
         import uvicorn
 
@@ -80,10 +90,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..options import GenerationOptions
     from .images import ImagePolicy
 
-    if args.batch_window_ms < 0:
-        raise SystemExit("error: --batch-window-ms must be >= 0")
-    if args.images_root is not None and not args.images_root.is_dir():
-        raise SystemExit(f"error: --images-root {args.images_root} is not a folder")
     model = _load_model(args)
     defaults = GenerationOptions() if args.model in (None, "tiny") else GenerationOptions.load(args.model)
     config = ServerConfig(
@@ -94,8 +100,8 @@ def run_serve(args: argparse.Namespace) -> int:
                            timeout=args.image_timeout),
         defaults=defaults, max_batch=args.max_batch, batch_window_s=args.batch_window_ms / 1000,
         features_cache=args.features_cache)
-    uvicorn.run(create_app(model, config), host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return uvicorn.Server(uvicorn.Config(create_app(model, config), host=args.host, port=args.port,
+                                         log_level=args.log_level))
 
 
 # ------------------------------------------------------------------------------------------------
