@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 import gradio as gr
 
 from ..evaluate.tasks import extract_options, parse_answer
+from ..processing import SAMPLE_IMAGE, asset_path
 
 FREE = "Free prompt (the post is the instruction)"
 # SoMeData templates: the test files' wording with the post as {post} (file named after each).
@@ -102,7 +103,8 @@ def build_demo(model: Any, random_weights: bool = False, max_new_tokens: int = 6
             gr.Markdown(RANDOM_WEIGHTS_WARNING, elem_id="random-weights-warning")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", image_mode=None, label="Image (optional)",
+                image = gr.Image(str(asset_path(SAMPLE_IMAGE)), type="filepath", image_mode=None,
+                                 label="Image (optional; clear it for a text-only post)",
                                  sources=["upload", "clipboard"])
                 task = gr.Dropdown([FREE, *TEMPLATES], value=next(iter(TEMPLATES)), label="Task")
                 post = gr.Textbox(value=EXAMPLE_POST, lines=4, label="Post / caption")
