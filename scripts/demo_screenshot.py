@@ -43,10 +43,8 @@ def find_chromium() -> str | None:
 class DevTools:
     """A minimal DevTools-protocol session with one page."""
 
-    def __init__(self, ws_url: str) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, max_size=None, open_timeout=30)
+    def __init__(self, ws) -> None:
+        self.ws = ws
         self.next_id = 0
 
     def call(self, method: str, **params) -> dict:
@@ -61,9 +59,6 @@ class DevTools:
 
     def evaluate(self, expression: str):
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def close(self) -> None:
-        self.ws.close()
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -92,8 +87,10 @@ def screenshot(url: str, out: Path, chromium: str | None = None, timeout: float 
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             page = next(t for t in json.load(r) if t["type"] == "page")
-        tools = DevTools(page["webSocketDebuggerUrl"])
-        try:
+        from websockets.sync.client import connect
+
+        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30) as ws:
+            tools = DevTools(ws)
             tools.call("Page.enable")
             tools.call("Page.navigate", url=url)
             _wait_for(lambda: tools.evaluate(CLICK), timeout, "the demo page to load")
@@ -103,8 +100,6 @@ def screenshot(url: str, out: Path, chromium: str | None = None, timeout: float 
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(base64.b64decode(png))
             return shown
-        finally:
-            tools.close()
     finally:
         proc.terminate()
         try:
