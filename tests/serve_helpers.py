@@ -81,15 +81,17 @@ class ThreadServer:
     def __init__(self, args: list[str], env: dict[str, str] | None = None) -> None:
         import threading
 
-        from somelvlm.cli import build_parser
-        from somelvlm.serve.cli import build_server
+        from somelvlm.cli import build_parser, load_model
+        from somelvlm.serve.cli import build_server, check_serve_arguments
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         try:
-            self.server = build_server(build_parser().parse_args(["serve", "--port", str(self.port), *args]))
+            parsed = build_parser().parse_args(["serve", "--port", str(self.port), *args])
+            check_serve_arguments(parsed)
+            self.server = build_server(parsed, load_model(parsed))
         finally:
             for k, v in saved.items():
                 if v is None:

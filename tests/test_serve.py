@@ -92,7 +92,7 @@ def test_openai_client_answer_equals_library(client, tiny):
     expected = tiny.generate(RED, ["What does this post show?"], max_new_tokens=6)[0]
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason in ("stop", "length")
-    assert r.usage.prompt_tokens == tiny.config.qformer.num_queries + len(
+    assert r.usage.prompt_tokens == tiny.query_tokens.shape[1] + len(
         tiny.processor.llm_tokenizer.encode("What does this post show?"))
     assert 1 <= r.usage.completion_tokens <= 6
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -109,6 +109,18 @@ def test_openai_client_stream_joins_to_answer(client, tiny):
     assert "".join(pieces) == client.chat.completions.create(**kw).choices[0].message.content
     assert finish == ["length"] or finish == ["stop"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_text_only_post(client, tiny):
+    """A request without an image is a text-only post (`generate(images=None)`): no query tokens."""
+    kw = dict(model="somelvlm", messages=[{"role": "user", "content": "Is this post hateful? Choices: [true, false]"}],
+              max_tokens=6, temperature=0)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].message.content == tiny.generate(None, [kw["messages"][0]["content"]], num_beams=1,
+                                                         max_new_tokens=6)[0]
+    assert r.usage.prompt_tokens == len(tiny.processor.llm_tokenizer.encode(kw["messages"][0]["content"]))
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw))
+    assert streamed == r.choices[0].message.content
 
 
 def test_raw_stream_ends_with_done(server):
@@ -195,19 +207,20 @@ def test_cli_rejects_bad_flags_in_one_line():
     r = subprocess.run([sys.executable, "-m", "somelvlm", "serve", "--images-root", "/nonexistent/dir"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == "error: --images-root /nonexistent/dir is not a folder", r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "somelvlm serve: error: --images-root /nonexistent/dir is not a folder", r.stderr
     assert "Traceback" not in r.stderr
 
 
 def test_concurrent_requests_batch_and_equal_alone(server, remote_site):
-    """32 simultaneous requests (two option sets, three images, four bad ones mixed in): every good
+    """32 simultaneous requests (two option sets, three images and text-only posts, four bad ones): every good
     answer equals the same request sent alone, the bad ones fail alone, and batches formed."""
     images = [data_url(RED), data_url(BLUE), data_url(GREEN)]
     prompts = ["What is shown?", "Is this post hateful? Choices: [true, false]", "Give three hashtags."]
     variants = []
     for i in range(7):
         opts = {"max_tokens": 5, "temperature": 0} if i % 2 else {"max_tokens": 4, "num_beams": 2}
-        variants.append({"messages": user(prompts[i % 3], images[i % 3]), **opts})
+        image = images[i % 3] if i < 5 else None  # two text-only posts, batched with the others
+        variants.append({"messages": user(prompts[i % 3], image), **opts})
     alone = [post(server, v).json()["choices"][0]["message"]["content"] for v in variants]
     before = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
     bad = [body for body, _, _ in bad_requests(remote_site)[:4]]

@@ -64,7 +64,6 @@ def create_app(model: Any, config: ServerConfig | None = None) -> FastAPI:
     batcher = Batcher(model, max_batch=config.max_batch, window_s=config.batch_window_s,
                       cache_size=config.features_cache)
     num_queries = model.config.qformer.num_queries
-    max_positions = model.config.llm.max_positions
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,16 +118,16 @@ def create_app(model: Any, config: ServerConfig | None = None) -> FastAPI:
                                status=404, param="model", code="model_not_found")
         ask = protocol.instruction(body)
         options = protocol.generation_options(body, config.defaults)
-        prompt_tokens = len(proc.llm_tokenizer.encode(ask.prompt))
-        image_tokens = num_queries  # the Q-Former's queries sit in front of the prompt, image or not
-        protocol.check_length(options, prompt_tokens + image_tokens, max_positions)
+        protocol.check_fits(model, options, ask.prompt, ask.image_url is not None)
+        # usage: the prompt's tokens plus the Q-Former's queries in front of it when there is an image
+        total_prompt = len(proc.llm_tokenizer.encode(ask.prompt)) + (num_queries if ask.image_url else 0)
         image = None
         if ask.image_url is not None:
             image = await run_in_threadpool(load_request_image, ask.image_url, config.images)
         results: asyncio.Queue = asyncio.Queue()
         job = Job(ask.prompt, image, options, asyncio_delivery(asyncio.get_running_loop(), results), stream=body.stream)
         batcher.submit(job)
-        cid, total_prompt = protocol.new_id(), prompt_tokens + image_tokens
+        cid = protocol.new_id()
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(job, results, cid, config.model_name, total_prompt, include_usage),

@@ -4,8 +4,9 @@ decode steps.
 One worker thread owns the model. It takes the first waiting job, keeps collecting jobs for
 `window_s` (up to `max_batch`), groups them by decoding options (only equal options decode
 together; a seeded sampling request decodes alone, so its answer is reproducible) and runs one
-`model.generate` per group over `ImageFeatures` built from a features cache keyed by the SHA-256
-of the image bytes: an image repeated across requests is encoded once. Streaming requests with
+`model.generate` per group (posts with and without an image together) over `ImageFeatures` built
+from a features cache keyed by the SHA-256 of the image bytes: an image repeated across requests is
+encoded once. Streaming requests with
 one beam run on `generate_stream`, one at a time between batches. When a batch fails, each of its
 jobs is retried alone, so one failing request never breaks the others.
 """
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..generation import ImageFeatures
+from ..generation import NO_IMAGE, ImageFeatures
 from ..options import GenerationOptions
 from .images import RequestImage
 from .protocol import Answer
@@ -49,7 +50,7 @@ class Job:
         alone = self.options.seed is not None and not self.options.greedy
         if alone or self.streams_pieces():
             return id(self)
-        return self.options, self.image is not None
+        return self.options  # posts with and without an image decode together
 
     def streams_pieces(self) -> bool:
         return self.stream and self.options.num_beams == 1 and self.options.num_return_sequences == 1
@@ -64,15 +65,19 @@ class FeatureCache:
         self.hits = 0
         self.misses = 0
 
-    def features(self, model: Any, images: list[RequestImage]) -> tuple[ImageFeatures, int]:
-        """`ImageFeatures` for `images` (one row per image, each distinct image stored once) and
-        how many images the vision tower encoded (the others came from the cache or the batch)."""
+    def features(self, model: Any, images: list[RequestImage | None]) -> tuple[ImageFeatures | None, int]:
+        """`ImageFeatures` for one row per entry (None: a text-only row; each distinct image stored
+        once), or None when no entry has an image, and how many images the vision tower encoded
+        (the others came from the cache or were repeated in the batch)."""
         order: dict[str, int] = {}
         for im in images:
-            order.setdefault(im.key, len(order))
-        fresh = {im.key: im.image for im in images if im.key not in self.entries}
+            if im is not None:
+                order.setdefault(im.key, len(order))
+        if not order:
+            return None, 0
+        fresh = {im.key: im.image for im in images if im is not None and im.key not in self.entries}
         found: dict[str, torch.Tensor] = {k: self.entries[k] for k in order if k in self.entries}
-        self.hits += len(images) - len(fresh)
+        self.hits += sum(im is not None for im in images) - len(fresh)
         self.misses += len(fresh)
         if fresh:
             embeds = model.encode_images(list(fresh.values())).embeds  # [len(fresh), N, C]
@@ -80,8 +85,8 @@ class FeatureCache:
         for k in order:
             self.put(k, found[k])
         embeds = torch.stack([found[k] for k in order])  # [U, N, C]
-        index = torch.tensor([order[im.key] for im in images], dtype=torch.long, device=embeds.device)
-        return ImageFeatures(embeds, index), len(fresh)
+        index = [NO_IMAGE if im is None else order[im.key] for im in images]
+        return ImageFeatures(embeds, torch.tensor(index, dtype=torch.long, device=embeds.device)), len(fresh)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.entries[key] = value
@@ -177,22 +182,21 @@ class Batcher:
 
     def _run(self, jobs: list[Job]) -> list[list[Answer]]:
         model, options = self.model, jobs[0].options
-        images = [j.image for j in jobs if j.image is not None]
-        feats, encoded = self.cache.features(model, images) if images else (None, 0)
+        feats, encoded = self.cache.features(model, [j.image for j in jobs])
         self.images_encoded += encoded
         self.requests += len(jobs)
         self.batch_sizes[len(jobs)] += 1
-        log.info("batch of %d request(s): %d image(s), %d encoded", len(jobs), len(images), encoded)
+        log.info("batch of %d request(s): %d with an image, %d image(s) encoded", len(jobs),
+                 sum(j.image is not None for j in jobs), encoded)
         if jobs[0].streams_pieces():
             return [self._stream(jobs[0], feats)]
-        texts = model.generate(images=feats, prompts=[j.prompt for j in jobs], **options.to_dict())
+        texts = model.generate(feats, [j.prompt for j in jobs], options=options)
         n = options.num_return_sequences
         return [[self.answer(t, options) for t in texts[i * n:(i + 1) * n]] for i in range(len(jobs))]
 
     def _stream(self, job: Job, feats: ImageFeatures | None) -> list[Answer]:
-        kwargs = {k: v for k, v in job.options.to_dict().items() if k not in ("num_beams", "num_return_sequences")}
         pieces = []
-        for piece in self.model.generate_stream(feats, job.prompt, **kwargs):
+        for piece in self.model.generate_stream(feats, job.prompt, options=job.options):
             if job.cancelled.is_set():
                 break
             pieces.append(piece)

@@ -17,6 +17,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..generation import check_lengths
 from ..options import GenerationOptions
 from .errors import RequestError
 
@@ -127,13 +128,15 @@ def generation_options(request: ChatCompletionRequest, defaults: GenerationOptio
         raise RequestError(str(e), code="invalid_option") from None
 
 
-def check_length(options: GenerationOptions, prompt_tokens: int, max_positions: int) -> None:
-    """400 when the prompt plus the answer cannot fit the LLM's positions (or an option is nonsense)."""
+def check_fits(model: Any, options: GenerationOptions, prompt: str, has_image: bool) -> None:
+    """400 when an option is nonsense or the prompt plus the answer cannot fit the LLM's positions
+    (`generation.check_lengths`, the rule `generate` applies)."""
     try:
-        options.validate(max_positions=max_positions, prompt_tokens=prompt_tokens)
+        check_lengths(model, options.validate(), [prompt], [has_image])
     except ValueError as e:
-        raise RequestError(str(e), param="messages" if "exceeds" in str(e) else None,
-                           code="context_length_exceeded" if "exceeds" in str(e) else "invalid_option") from None
+        too_long = "too long" in str(e) or "exceeds" in str(e)
+        raise RequestError(str(e), param="messages" if too_long else None,
+                           code="context_length_exceeded" if too_long else "invalid_option") from None
 
 
 # ------------------------------------------------------------------------------------------------
