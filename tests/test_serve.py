@@ -196,6 +196,8 @@ def test_bad_input_gets_openai_errors_and_server_keeps_serving(server, remote_si
         assert r.status_code == status, (body.get("messages", [{}])[0], r.text)
         err = r.json()["error"]
         assert err["code"] == code and err["message"] and err["type"] == "invalid_request_error", r.text
+    huge = post(server, {"messages": user("x", data_url(b"\0" * (2 * MAX_IMAGE_BYTES + 1_000_000)))})
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json", timeout=10,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]

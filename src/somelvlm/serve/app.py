@@ -64,6 +64,7 @@ def create_app(model: Any, config: ServerConfig | None = None) -> FastAPI:
     batcher = Batcher(model, max_batch=config.max_batch, window_s=config.batch_window_s,
                       cache_size=config.features_cache)
     num_queries = model.config.qformer.num_queries
+    max_body = config.images.max_bytes * 4 // 3 + 1_000_000  # a base64 image plus the text
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -96,6 +97,11 @@ def create_app(model: Any, config: ServerConfig | None = None) -> FastAPI:
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
                 return _error(RequestError("missing or wrong API key: send 'Authorization: Bearer <key>'",
                                            status=401, code="invalid_api_key", kind="authentication_error"))
+        size = request.headers.get("content-length", "")
+        if size.isdigit() and int(size) > max_body:
+            return _error(RequestError(f"request body of {size} bytes is over the limit of {max_body} "
+                                       "(one base64 image of --max-image-mb plus 1 MB of text)", status=413,
+                                       code="request_too_large"))
         return await call_next(request)
 
     @app.get("/health")
