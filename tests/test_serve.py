@@ -10,6 +10,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -238,3 +239,49 @@ def test_concurrent_requests_batch_and_equal_alone(server, remote_site):
     assert after["batches"] - before["batches"] < 28, after  # some requests shared a generate call
     assert after["max_batch_size"] > 1
     assert after["images_encoded"] == before["images_encoded"]  # all three images came from the cache
+
+
+def _request_image(data: bytes):
+    from somelvlm.serve.images import ImagePolicy, load_request_image
+
+    return load_request_image(data_url(data), ImagePolicy())
+
+
+def test_features_cache_encodes_each_image_once_and_evicts(tiny):
+    from somelvlm.serve.batcher import FeatureCache
+
+    cache = FeatureCache(capacity=2)
+    red, blue, green = (_request_image(x) for x in (RED, BLUE, GREEN))
+    feats, encoded = cache.features(tiny, [red, None, red, blue])
+    assert encoded == 2 and feats.index.tolist() == [0, -1, 0, 1]
+    torch.testing.assert_close(feats.embeds, tiny.encode_images([red.image, blue.image]).embeds, rtol=1e-5, atol=1e-5)
+    _, encoded = cache.features(tiny, [blue, green])  # blue from the cache; green evicts red (LRU)
+    assert encoded == 1 and list(cache.entries) == [blue.key, green.key]
+    assert (cache.hits, cache.misses) == (2, 3)
+    assert cache.features(tiny, [None, None]) == (None, 0)
+
+
+def test_a_failing_request_does_not_break_its_batch(tiny):
+    """A batch whose `generate` fails is retried request by request: only the bad one gets the error.
+    (The server refuses over-long prompts before batching; here one reaches the batcher directly.)"""
+    from somelvlm.options import GenerationOptions
+    from somelvlm.serve.batcher import Batcher, Job
+
+    options = GenerationOptions(num_beams=1, max_new_tokens=4)
+    results: dict[int, tuple[str, object]] = {}
+    prompts = ["What is shown?", "word " * 2000, "Give three hashtags."]
+    jobs = [Job(p, _request_image(RED), options, lambda kind, value, i=i: results.__setitem__(i, (kind, value)))
+            for i, p in enumerate(prompts)]
+    batcher = Batcher(tiny, max_batch=8, window_s=0.5)
+    batcher.start()
+    for job in jobs:
+        batcher.submit(job)
+    batcher.stop()
+    assert results[1][0] == "error" and "too long" in str(results[1][1])
+    for i in (0, 2):
+        kind, answers = results[i]
+        assert kind == "done"
+        assert answers[0].text == tiny.generate(RED, [prompts[i]], num_beams=1, max_new_tokens=4)[0]
+    metrics = batcher.metrics()
+    assert metrics["batch_sizes"] == {"1": 3, "3": 1}  # the batch of three, then each alone
+    assert (metrics["requests"], metrics["failed_requests"]) == (3, 1)

@@ -159,6 +159,7 @@ class Batcher:
             for job in jobs:
                 if not job.cancelled.is_set():
                     groups.setdefault(job.batch_key(), []).append(job)
+                    self.requests += 1
             for group in groups.values():
                 self._run_group(group)
             if stop:
@@ -184,7 +185,6 @@ class Batcher:
         model, options = self.model, jobs[0].options
         feats, encoded = self.cache.features(model, [j.image for j in jobs])
         self.images_encoded += encoded
-        self.requests += len(jobs)
         self.batch_sizes[len(jobs)] += 1
         log.info("batch of %d request(s): %d with an image, %d image(s) encoded", len(jobs),
                  sum(j.image is not None for j in jobs), encoded)
