@@ -52,7 +52,7 @@ def demo_url(model):
 
 @pytest.fixture(scope="module")
 def client(demo_url):
-    return gradio_client.Client(demo_url, verbose=False, download_files=False)
+    return gradio_client.Client(demo_url, verbose=False, download_files=False, analytics_enabled=False)
 
 
 def test_stream_through_the_app_equals_generate(client, reference):

@@ -97,7 +97,7 @@ def build_demo(model: Any, random_weights: bool = False, max_new_tokens: int = 6
             raise gr.Error(str(e)) from None
         yield prompt, text, parsed_options(prompt, text)
 
-    with gr.Blocks(title="SoMeLVLM demo") as demo:
+    with gr.Blocks(title="SoMeLVLM demo", analytics_enabled=False) as demo:  # no calls home
         gr.Markdown("# SoMeLVLM\nSocial-media posts, with or without an image: pick a SoMeData task or ask freely.")
         if random_weights:
             gr.Markdown(RANDOM_WEIGHTS_WARNING, elem_id="random-weights-warning")
