@@ -25,6 +25,7 @@ from .console import run_command, setup_logging
 from .model import SoMeLVLM
 from .options import GenerationOptions
 from .processing import SAMPLE_IMAGE, asset_path
+from .serve import cli as serve_cli
 
 log = logging.getLogger("somelvlm")
 
@@ -363,6 +364,37 @@ def _pct(value: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# serve / demo (options and work in somelvlm.serve)
+# ------------------------------------------------------------------------------------------------
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with dynamic batching", formatter_class=Formatter,
+                       description=serve_cli.SERVE_DESCRIPTION)
+    add_model_options(p)
+    serve_cli.add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    serve_cli.check_serve_arguments(args)
+    serve_cli.build_server(args, load_model(args)).run()
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="Gradio demo page (optional image, SoMeData task templates, streaming)",
+                       formatter_class=Formatter, description=serve_cli.DEMO_DESCRIPTION)
+    add_model_options(p)
+    serve_cli.add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    serve_cli.check_demo_arguments(args)
+    serve_cli.launch_demo(args, load_model(args))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -374,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_eval(sub)
     train.add_parser(sub)
+    add_serve(sub)
+    add_demo(sub)
     return parser
 
 
