@@ -31,6 +31,7 @@ def no_work(model, monkeypatch):
 
     monkeypatch.setattr(model.vision, "forward", boom)
     monkeypatch.setattr(model.llm, "forward", boom)
+    monkeypatch.setattr(model.llm.get_input_embeddings(), "forward", boom)  # every decoding path embeds first
     return model
 
 
