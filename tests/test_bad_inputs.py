@@ -34,6 +34,8 @@ CASES = [
     ("top_p_above_one", GEN + ["--do-sample", "--top-p", "1.5"], 1, "top_p must be in (0, 1]"),
     ("repetition_penalty_zero", GEN + ["--repetition-penalty", "0"], 1, "repetition_penalty must be > 0"),
     ("min_above_max", GEN + ["--min-new-tokens", "5"], 1, "minimum length (5 new tokens) is above the maximum (2)"),
+    ("max_new_tokens_beyond_positions", ["generate", "--image", IMG, "--prompt", "q", "--num-beams", "1",
+                                         "--max-new-tokens", "100000"], 1, "exceeds the model's 1024 positions"),
     ("stream_with_beams", GEN + ["--stream", "--num-beams", "3"], 1, "a beam search cannot stream"),
     ("device_cuda_without_gpu", GEN + ["--device", "cuda"], 1, "--device cuda:"),
     ("device_nonsense", GEN + ["--device", "gpu7"], 1, "is not a device name"),
