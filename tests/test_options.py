@@ -184,3 +184,19 @@ def test_folder_defaults_are_read_and_checked(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(SoMeLVLM, "load", classmethod(lambda cls, *a, **k: pytest.fail("loaded")))
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 1  # named before the model loads
     assert "generation_config.json: invalid generation option: num_beams" in capsys.readouterr().err
+
+
+def test_round_trip_and_types(tmp_path):
+    import json
+
+    opts = GenerationOptions(num_beams=3, max_new_tokens=40, do_sample=True, top_p=0.8, seed=7)
+    (tmp_path / "generation_config.json").write_text(json.dumps(opts.to_generation_config(eos_id=2, pad_id=0,
+                                                                                          bos_id=2)))
+    assert GenerationOptions.load(tmp_path) == opts  # token ids and notes are not decoding options
+    assert GenerationOptions().replace(top_p=1).top_p == 1.0 and isinstance(GenerationOptions().replace(top_p=1).top_p,
+                                                                             float)
+    for bad in (dict(num_beams=True), dict(num_beams=2.0), dict(do_sample=1), dict(temperature="1")):
+        with pytest.raises(ValueError, match=f"generation option '{next(iter(bad))}' must be"):
+            GenerationOptions().replace(**bad)
+    assert GenerationOptions(max_length=10, min_length=4).new_token_limits() == (9, 3)  # LAVIS counts a dummy id
+    assert GenerationOptions(max_length=10, max_new_tokens=3, min_new_tokens=2).new_token_limits() == (3, 2)
