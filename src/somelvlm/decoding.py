@@ -418,6 +418,7 @@ class Flight:
         self.v = [self._take(c, r_idx, t) for c in self.v]
         self.tokens = self.tokens.index_select(0, r_idx)
         self.scores = self.scores.index_select(0, r_idx)
+        self.logits = self.logits.index_select(0, r_idx)
         self.hyp_scores, self.hyp_tokens, self.hyp_len = (
             x.index_select(0, g_idx) for x in (self.hyp_scores, self.hyp_tokens, self.hyp_len))
 
