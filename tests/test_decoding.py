@@ -111,3 +111,16 @@ def test_greedy_flight_equals_static_cache(model, feats):
     ragged = torch.stack(list(dec.decode(E, M, s)), 1)
     static = torch.stack(list(dec._decode_static(E, M, s)), 1)
     assert torch.equal(ragged, static)
+
+
+@pytest.mark.slow
+def test_compiled_static_step_same_tokens(model, feats):
+    """`torch.compile(mode="reduce-overhead")` of the static-shape step (works on CPU too) gives the
+    same tokens as the eager step and the ragged flight."""
+    prompts = PROMPTS[:3] + [LONG]
+    E, M = llm_generate_inputs(model, feats.select([0] * len(prompts)), prompts)
+    s = sampling_settings(model, max_new_tokens=10)
+    eager = torch.stack(list(LlamaDecoder(model.llm, compile=False)._decode_static(E, M, s)), 1)
+    compiled = torch.stack(list(LlamaDecoder(model.llm, compile=True).decode(E, M, s)), 1)
+    ragged = torch.stack(list(LlamaDecoder(model.llm, compile=False).decode(E, M, s)), 1)
+    assert torch.equal(compiled, eager) and torch.equal(eager, ragged)

@@ -10,6 +10,7 @@ top-p, eos handling, pad after eos). Beam search stays on `transformers`.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -56,10 +57,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-class LlamaDecoder:
-    """Runs a `LlamaForCausalLM`'s layers with a `KVCache`; see module doc."""
+STATIC_BLOCK = 128  # the static cache's capacity is a multiple of this (fewer shapes to compile)
 
-    def __init__(self, llm, compile: bool = False) -> None:
+
+class LlamaDecoder:
+    """Runs a `LlamaForCausalLM`'s layers with a `KVCache`; see module doc. `compile=True` (default:
+    the `SOMELVLM_COMPILE` environment variable) runs greedy/sampling decode steps on the static
+    cache under `torch.compile(mode="reduce-overhead")` (CUDA graphs on GPU)."""
+
+    def __init__(self, llm, compile: bool | None = None) -> None:
         if not supports(llm):
             raise ValueError("this LLM is not a plain LLaMA; use transformers' generate")
         self.llm = llm
@@ -68,7 +74,8 @@ class LlamaDecoder:
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
-        self.compiled = compile
+        self.compiled = os.environ.get("SOMELVLM_COMPILE", "") not in ("", "0") if compile is None else compile
+        self._compiled_fn = None
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(len(self.llm.get_decoder().layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
@@ -179,11 +186,17 @@ class LlamaDecoder:
 
     def _decode_static(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                        s: SamplingSettings) -> Iterator[torch.Tensor]:
-        B = inputs_embeds.shape[0]
-        cache, logits, mask, next_pos = self.prefill(inputs_embeds, attention_mask, s.max_new_tokens)
+        """Greedy or sampling on a preallocated cache with fixed shapes: every step attends over the
+        whole capacity under a key mask, so it can run compiled (`compile=True`)."""
+        B, L, _ = inputs_embeds.shape
+        capacity = -(-(L + s.max_new_tokens) // STATIC_BLOCK) * STATIC_BLOCK  # few distinct shapes
+        cache, logits, mask, next_pos = self.prefill(inputs_embeds, attention_mask, capacity - L)
+        key_mask = torch.zeros(B, capacity, dtype=torch.bool, device=logits.device)
+        key_mask[:, :L] = mask.bool()
         unfinished = torch.ones(B, dtype=torch.bool, device=logits.device)
         generated = torch.empty(B, 0, dtype=torch.long, device=logits.device)
         embed = self.llm.get_input_embeddings()
+        step_fn = self._compiled_step() if self.compiled else self._static_step
         for step in range(s.max_new_tokens):
             scores = process_scores(logits, generated, step, s)
             if s.do_sample:
@@ -196,9 +209,28 @@ class LlamaDecoder:
             unfinished &= nxt != s.eos_id
             if not bool(unfinished.any()) or step + 1 == s.max_new_tokens:
                 return
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            logits = self.forward(embed(nxt[:, None]), next_pos, cache, mask)
+            write_at = torch.full((1,), L + step, dtype=torch.long, device=logits.device)
+            key_mask[:, L + step] = True
+            logits = step_fn(embed(nxt[:, None]), next_pos, write_at, key_mask, cache.k, cache.v).clone()
             next_pos = next_pos + 1
+
+    def _static_step(self, x: torch.Tensor, positions: torch.Tensor, write_at: torch.Tensor,
+                     key_mask: torch.Tensor, ks: list[torch.Tensor], vs: list[torch.Tensor]) -> torch.Tensor:
+        """One decode step with fixed shapes: `x [B, 1, D]` at `positions [B, 1]`, its keys/values
+        written at cache slot `write_at [1]`, attention over every slot allowed by `key_mask [B, cap]`."""
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, cap]
+
+        def attend(i, q, k, v):
+            ks[i].index_copy_(2, write_at, k)
+            vs[i].index_copy_(2, write_at, v)
+            return self._sdpa(q, ks[i], vs[i], mask, False)
+
+        return self._run(x, positions, attend)
+
+    def _compiled_step(self):
+        if self._compiled_fn is None:
+            self._compiled_fn = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
+        return self._compiled_fn
 
     @torch.inference_mode()
     def beam_search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: SamplingSettings,
