@@ -75,7 +75,6 @@ class LlamaDecoder:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.compiled = os.environ.get("SOMELVLM_COMPILE", "") not in ("", "0") if compile is None else compile
-        self._compiled_fn = None
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
         return KVCache(len(self.llm.get_decoder().layers), batch, self.kv_heads, capacity, self.head_dim, dtype, device)
@@ -228,9 +227,12 @@ class LlamaDecoder:
         return self._run(x, positions, attend)
 
     def _compiled_step(self):
-        if self._compiled_fn is None:
-            self._compiled_fn = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
-        return self._compiled_fn
+        """The compiled step, kept on the LLM module (decoders are made per call; compiling is slow)."""
+        fn = getattr(self.llm, "_somelvlm_compiled_step", None)
+        if fn is None:
+            fn = torch.compile(self._static_step, mode="reduce-overhead", dynamic=False)
+            object.__setattr__(self.llm, "_somelvlm_compiled_step", fn)
+        return fn
 
     @torch.inference_mode()
     def beam_search(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: SamplingSettings,
