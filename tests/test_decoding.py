@@ -124,3 +124,16 @@ def test_compiled_static_step_same_tokens(model, feats):
     compiled = torch.stack(list(LlamaDecoder(model.llm, compile=True).decode(E, M, s)), 1)
     ragged = torch.stack(list(LlamaDecoder(model.llm, compile=False).decode(E, M, s)), 1)
     assert torch.equal(compiled, eager) and torch.equal(eager, ragged)
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_packed_attention_equals_per_prompt_loop(model, feats, monkeypatch, beams):
+    """The GPU layout (prompts packed side by side, one masked softmax for all rows), forced on CPU,
+    gives the per-prompt loop's answers, also while prompts join and leave."""
+    prompts = PROMPTS + [LONG]
+    opts = GenerationOptions(num_beams=beams, max_new_tokens=10)
+    reqs = [Request(i, p, feats, opts) for i, p in enumerate(prompts)]
+    loop = dict(answer_stream(model, reqs, max_batch=3))
+    monkeypatch.setattr(Flight, "packed_default", True)
+    packed = dict(answer_stream(model, reqs, max_batch=3))
+    assert packed == loop

@@ -270,7 +270,9 @@ class Flight:
     Layout: a prompt's keys/values are stored once, unpadded, and shared by its `K` beams; only
     the generated tokens' keys/values are per row (`[rows, kv_heads, capacity, head_dim]`), so a
     beam reorder copies the generated part only. Attention of a group's rows is one softmax over
-    `[prompt keys | own generated keys]` (no pads, no masks).
+    `[prompt keys | own generated keys]`: on CPUs a small loop over prompts (no pads, no masks); in
+    packed mode (default on GPUs) the prompts' keys lie side by side, unpadded, and every row
+    attends to all of them under a mask in a few large ops (exact: masked entries add 0).
 
     Beam search follows transformers 4.33 (which LAVIS ran), as tensor ops: log-softmax, then the
     processors (repetition penalty, min length), then + the running beam score; the top `2K`
@@ -282,8 +284,10 @@ class Flight:
     Greedy (`num_beams=1`) takes the argmax of the processed logits (no log-softmax), as `generate`.
     One host sync per step (which prompts finished)."""
 
+    packed_default: bool | None = None  # None: packed on GPUs, per-prompt loop on CPUs
+
     def __init__(self, decoder: LlamaDecoder, s: SamplingSettings, num_beams: int = 1,
-                 length_penalty: float = 1.0, num_return_sequences: int = 1) -> None:
+                 length_penalty: float = 1.0, num_return_sequences: int = 1, packed: bool | None = None) -> None:
         if s.do_sample:
             raise ValueError("Flight decodes greedily or by beam search; sampling runs on the static cache")
         self.dec, self.s, self.K = decoder, s, num_beams
@@ -291,6 +295,9 @@ class Flight:
         weight = decoder.llm.get_input_embeddings().weight
         self.dtype, self.device = weight.dtype, weight.device
         self.capacity = s.max_new_tokens
+        packed = self.packed_default if packed is None else packed
+        self.packed = self.device.type != "cpu" if packed is None else packed
+        self._pack: tuple | None = None  # packed prompts, rebuilt when prompts join or leave
         self.groups: list[_Group] = []
         layers = len(decoder.llm.get_decoder().layers)
         shape = (0, decoder.kv_heads, self.capacity, decoder.head_dim)
@@ -327,6 +334,7 @@ class Flight:
 
             logits.append(dec._run(x, pos, attend).expand(K, -1))
             self.groups.append(group)
+        self._pack = None
         n = len(keys)
         new_rows = n * K
         self.k = [torch.cat([c, c.new_zeros(new_rows, *c.shape[1:])]) for c in self.k]
@@ -447,6 +455,7 @@ class Flight:
         g_idx = torch.tensor(keep_g, dtype=torch.long, device=self.device)
         r_idx = (g_idx[:, None] * K + torch.arange(K, device=self.device)).view(-1)
         self.groups = [self.groups[g] for g in keep_g]
+        self._pack = None
         t = max((g.steps for g in self.groups), default=0)
         self.k = [self._take(c, r_idx, t) for c in self.k]
         self.v = [self._take(c, r_idx, t) for c in self.v]
@@ -482,6 +491,8 @@ class Flight:
             else:
                 self.k[i][row_ids, :, t_rows - 1] = k[:, :, 0]
                 self.v[i][row_ids, :, t_rows - 1] = v[:, :, 0]
+            if self.packed:
+                return self._attend_packed(i, q, t_rows)
             outs = []
             for n, g in enumerate(self.groups):
                 r0, r1 = n * K, (n + 1) * K
@@ -495,7 +506,42 @@ class Flight:
                 outs.append(out.reshape(K, -1, 1, out.shape[-1]))
             return torch.cat(outs)  # [R, H, 1, hd]
 
+        if self.packed and self._pack is None:
+            self._repack()
         self.logits = dec._run(x, pos.repeat_interleave(K)[:, None], attend)
+
+    def _repack(self) -> None:
+        """Packed mode: every prompt's keys/values side by side in one `[kv_heads, sum P, head_dim]`
+        tensor per layer (no pads), with a `[rows, sum P]` mask of the keys each row may see. The
+        groups' own copies become views into it."""
+        K, layers = self.K, len(self.k)
+        pk = [torch.cat([g.prefix_k[i] for g in self.groups], dim=1) for i in range(layers)]
+        pv = [torch.cat([g.prefix_v[i] for g in self.groups], dim=1) for i in range(layers)]
+        total = sum(g.length for g in self.groups)
+        mask = torch.zeros(len(self.groups) * K, total, dtype=torch.bool, device=self.device)
+        start = 0
+        for n, g in enumerate(self.groups):
+            mask[n * K:(n + 1) * K, start:start + g.length] = True
+            g.prefix_k = [k.narrow(1, start, g.length) for k in pk]
+            g.prefix_v = [v.narrow(1, start, g.length) for v in pv]
+            start += g.length
+        self._pack = (pk, pv, mask)
+
+    def _attend_packed(self, i: int, q: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+        """All rows at once over the packed prompts and their own generated keys: a few large ops
+        per layer whatever the number of prompts (GPU-friendly); masked entries add exactly 0."""
+        dec, (pk, pv, pmask) = self.dec, self._pack
+        R, t = q.shape[0], int(max(g.steps for g in self.groups))
+        qr = q[:, :, 0].reshape(R, dec.kv_heads, dec.heads // dec.kv_heads, -1)  # [R, kvh, g, hd]
+        sk, sv = self.k[i][:, :, :t], self.v[i][:, :, :t]  # [R, kvh, t, hd]
+        smask = torch.arange(t, device=self.device)[None, :] < t_rows[:, None]  # [R, t]
+        mask = torch.cat([pmask, smask], dim=1)[:, None, None, :]  # [R, 1, 1, sum P + t]
+        w = torch.cat([torch.einsum("rcgd,cpd->rcgp", qr, pk[i]),
+                       torch.einsum("rcgd,rctd->rcgt", qr, sk)], dim=-1) * dec.scale
+        w = w.float().masked_fill(~mask, -float("inf")).softmax(dim=-1).to(qr.dtype)
+        P = pk[i].shape[1]
+        out = torch.einsum("rcgp,cpd->rcgd", w[..., :P], pv[i]) + torch.einsum("rcgt,rctd->rcgd", w[..., P:], sv)
+        return out.reshape(R, -1, 1, out.shape[-1])  # [R, H, 1, hd]
 
 
 def process_scores(logits: torch.Tensor, generated: torch.Tensor, step: int, s: SamplingSettings) -> torch.Tensor:
