@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -59,6 +60,17 @@ def hf_generate(hf, proc, pixels: torch.Tensor, prompts: list[str], **gen) -> to
         attention_mask=torch.cat([torch.ones(n, Q, dtype=torch.long), mask], 1).to(device))
     with torch.inference_mode():
         return hf.generate(**batch, do_sample=False, pad_token_id=proc.llm_tokenizer.pad_id, eos_token_id=2, **gen)
+
+
+def measure(run, args: argparse.Namespace) -> float:
+    """Median of --repeats timed calls after a warm-up; --repeats 0: one cold call (slow workloads)."""
+    if args.repeats:
+        return timed(run, args.repeats, args.device)[0]
+    t = time.perf_counter()
+    run()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
 
 
 def tilt_eos(model, prompts: list[str], strength: float) -> None:
@@ -102,7 +114,7 @@ def tasks_worker(args: argparse.Namespace, ours, pixels) -> dict:
                                      max_batch=args.batch_size))
             answers.extend(got[i][0] for i in range(len(prompts)))
 
-    seconds, _ = timed(run, args.repeats, args.device)
+    seconds = measure(run, args)
     lengths = [len(ours.processor.llm_tokenizer.encode(a, bos=False)) for a in answers]
     return {"seconds": seconds, "peak_bytes": peak_memory_bytes(args.device), "prompts": len(prompts),
             "answers": answers, "mean_len": sum(lengths) / len(lengths), "min_len": min(lengths),
@@ -139,7 +151,7 @@ def worker(args: argparse.Namespace) -> dict:
             return ours.generate(images, prompts, **gen)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    seconds, _ = timed(run, args.repeats, device)
+    seconds = measure(run, args)
     return {"seconds": seconds, "peak_bytes": peak_memory_bytes(device), "prompts": n}
 
 
@@ -210,7 +222,7 @@ def main() -> None:
     ap.add_argument("--tasks", type=int, default=200, help="tasks suite: number of tasks")
     ap.add_argument("--batch-size", type=int, default=8, help="tasks suite: prompts per batch / in flight")
     ap.add_argument("--eos-strength", type=float, default=0.95, help="tasks suite: eos tilt (mixes lengths)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs after a warm-up (0: one cold run)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     ap.add_argument("--work", type=Path, default=None, help="folder for the two model copies (default: temp)")
     ap.add_argument("--out", type=Path, default=None, help="also write the results as JSON")

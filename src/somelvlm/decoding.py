@@ -1,11 +1,17 @@
-"""A lean greedy/sampling decoder over the weights of a `transformers.LlamaForCausalLM`.
+"""The lean decoder: greedy, sampling and LAVIS's beam search over the weights of a
+`transformers.LlamaForCausalLM`.
 
 `transformers`' `generate` spends most of a decode step on bookkeeping (generation config and
-logits-processor plumbing, cache objects, mask construction) that a batch of one image and a few
-prompts does not need. This module runs the same math — the model's own RMSNorm, rotary, MLP and
-projection modules, SDPA attention — over a preallocated KV cache, and reproduces `generate`'s
-greedy and sampling semantics (LAVIS repetition penalty, min/max new tokens, temperature, top-k,
-top-p, eos handling, pad after eos). Beam search stays on `transformers`.
+logits-processor plumbing, cache objects, mask construction) and, in beam search, on copying every
+beam's whole padded cache each step. This module runs the same math — the model's own RMSNorm,
+rotary, MLP and projection modules — with `generate`'s semantics (LAVIS repetition penalty, min/max
+new tokens, temperature, top-k, top-p, eos handling, transformers 4.33's beam scorer):
+
+- `Flight` (greedy and beam search, and the continuous batching of `scheduler.py`): each prompt's
+  keys/values stored once, unpadded, shared by its beams; only generated tokens are per beam; the
+  beam step is tensor ops with one host sync per step.
+- `LlamaDecoder._decode_static` (sampling, and greedy with `compile=True`): a preallocated
+  fixed-shape cache whose step can run under `torch.compile(mode="reduce-overhead")`.
 """
 
 from __future__ import annotations
