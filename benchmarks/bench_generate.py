@@ -108,7 +108,7 @@ def tasks_worker(args: argparse.Namespace, ours, pixels) -> dict:
         if args.impl == "static":
             for i in range(0, len(prompts), args.batch_size):
                 part = prompts[i:i + args.batch_size]
-                answers.extend(ours.generate(feats.select([0] * len(part)), part, **opts.to_dict()))
+                answers.extend(ours.generate(feats.select([0] * len(part)), part, options=opts))
         else:
             got = dict(answer_stream(ours, (Request(i, p, feats, opts) for i, p in enumerate(prompts)),
                                      max_batch=args.batch_size))

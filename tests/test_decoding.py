@@ -27,6 +27,10 @@ def feats(model):
     return encode_images(model, [IMG])
 
 
+def greedy_settings(model, max_new_tokens: int):
+    return sampling_settings(model, GenerationOptions(num_beams=1, max_new_tokens=max_new_tokens))
+
+
 def alone(model, prompt, **kw):
     return model.generate(IMG, [prompt], **kw)
 
@@ -36,7 +40,7 @@ def test_prompt_stored_once_unpadded(model, feats):
     generated tokens are stored per beam."""
     prompts = ["a", LONG, PROMPTS[4]]
     E, M = llm_generate_inputs(model, feats.select([0, 0, 0]), prompts)
-    flight = Flight(LlamaDecoder(model.llm), sampling_settings(model, max_new_tokens=6), num_beams=5)
+    flight = Flight(LlamaDecoder(model.llm), greedy_settings(model, 6), num_beams=5)
     flight.add([0, 1, 2], E, M)
     lengths = M.sum(1).tolist()
     assert len(set(lengths)) == 3
@@ -64,7 +68,7 @@ def test_answer_stream_admits_as_others_finish(model, feats):
     """2 slots, a long answer first, then short ones: the short ones pass through the other slot
     while the long one runs (a static batch of 2 would hold them back until it ends)."""
     opts = GenerationOptions(num_beams=1, max_new_tokens=16)
-    dec, s = LlamaDecoder(model.llm), sampling_settings(model, max_new_tokens=16)
+    dec, s = LlamaDecoder(model.llm), greedy_settings(model, 16)
     steps = {p: len(list(dec.decode(*llm_generate_inputs(model, feats, [p]), s))) for p in PROMPTS}
     longs = [p for p in PROMPTS if steps[p] == 16]
     shorts = [p for p in PROMPTS if steps[p] < 8]
@@ -106,7 +110,7 @@ def test_greedy_flight_equals_static_cache(model, feats):
     """The ragged flight and the padded static cache (used for sampling and compiled steps) agree."""
     prompts = PROMPTS[:4] + [LONG]
     E, M = llm_generate_inputs(model, feats.select([0] * len(prompts)), prompts)
-    s = sampling_settings(model, max_new_tokens=12)
+    s = greedy_settings(model, 12)
     dec = LlamaDecoder(model.llm)
     ragged = torch.stack(list(dec.decode(E, M, s)), 1)
     static = torch.stack(list(dec._decode_static(E, M, s)), 1)
@@ -119,7 +123,7 @@ def test_compiled_static_step_same_tokens(model, feats):
     same tokens as the eager step and the ragged flight."""
     prompts = PROMPTS[:3] + [LONG]
     E, M = llm_generate_inputs(model, feats.select([0] * len(prompts)), prompts)
-    s = sampling_settings(model, max_new_tokens=10)
+    s = greedy_settings(model, 10)
     eager = torch.stack(list(LlamaDecoder(model.llm, compile=False)._decode_static(E, M, s)), 1)
     compiled = torch.stack(list(LlamaDecoder(model.llm, compile=True).decode(E, M, s)), 1)
     ragged = torch.stack(list(LlamaDecoder(model.llm, compile=False).decode(E, M, s)), 1)
@@ -137,3 +141,13 @@ def test_packed_attention_equals_per_prompt_loop(model, feats, monkeypatch, beam
     monkeypatch.setattr(Flight, "packed_default", True)
     packed = dict(answer_stream(model, reqs, max_batch=3))
     assert packed == loop
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_answer_stream_text_only_requests(model, feats, beams):
+    """Text-only posts (no image) share flights with image posts; each answer equals generate alone."""
+    opts = GenerationOptions(num_beams=beams, max_new_tokens=8)
+    reqs = [Request(i, p, None if i % 2 else feats, opts) for i, p in enumerate(PROMPTS[:6])]
+    got = dict(answer_stream(model, reqs, max_batch=3))
+    want = {r.key: model.generate(None if r.image is None else IMG, [r.prompt], options=opts) for r in reqs}
+    assert got == want

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from somelvlm.evaluate import cli
+from somelvlm import cli
 from somelvlm.evaluate.runner import evaluate
 
 CLS_IMAGES = ["a.jpg", "a.jpg", "b.jpg", "c.jpg", "b.jpg", "a.jpg"]
@@ -208,8 +208,7 @@ def test_cli_scores_predictions_in_a_subprocess(setup, tmp_path):
     data, _, _ = setup
     preds = _write_preds(tmp_path / "p.jsonl", ["male", "The answer is female.", "male", "no idea", "Male!", "female"])
     out = tmp_path / "r" / "report.json"
-    code = "import sys; from somelvlm.evaluate.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, "--data", str(data / "PAN_test.json"),
+    proc = subprocess.run([sys.executable, "-m", "somelvlm", "eval", "--data", str(data / "PAN_test.json"),
                            "--predictions", str(preds), "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
@@ -226,7 +225,7 @@ def test_cli_folder_garbage_and_generation(setup, tmp_path):
     rows += [{"id": i, "file": "PAN_test_g.json", "prediction": r} for i, r in enumerate(GEN_REFS)]
     preds.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "report.json"
-    assert cli.main(["--data", str(data), "--predictions", str(preds), "--out", str(out)]) == 0
+    assert cli.main(["eval", "--data", str(data), "--predictions", str(preds), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["files"]["PAN_test.json"]["acc"] == 0.0 and report["files"]["PAN_test.json"]["acc_star"] is None
     assert report["files"]["PAN_test_g.json"]["bleu"] == pytest.approx(100.0)
@@ -235,7 +234,7 @@ def test_cli_folder_garbage_and_generation(setup, tmp_path):
 
     out_g = tmp_path / "gen.json"
     _write_preds(preds, GEN_REFS)
-    assert cli.main(["--data", str(data / "PAN_test_g.json"), "--predictions", str(preds), "--out", str(out_g)]) == 0
+    assert cli.main(["eval", "--data", str(data / "PAN_test_g.json"), "--predictions", str(preds), "--out", str(out_g)]) == 0
     assert json.loads(out_g.read_text())["rouge_l"] == pytest.approx(100.0)
 
 
@@ -253,19 +252,17 @@ def test_cli_errors(setup, tmp_path, capsys, case, message):
     args = ["--data", str(data / ("nope.json" if case == "missing_data" else "PAN_test.json")),
             "--predictions", str(tmp_path / "none.jsonl" if case == "no_predictions" else preds),
             "--out", str(tmp_path / "r.json")]
-    assert cli.main(args) == 1
+    assert cli.main(["eval", *args]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
 
 
 def test_cli_model_mode_and_subcommand(setup, monkeypatch):
-    import argparse
 
     data, images, out = setup
     model = FakeModel(data)
-    monkeypatch.setattr(cli, "_load_model", lambda args: model)
-    parser = argparse.ArgumentParser(prog="somelvlm")
-    cli.add_parser(parser.add_subparsers(dest="command"))
+    monkeypatch.setattr(cli, "load_model", lambda args: model)
+    parser = cli.build_parser()
     args = parser.parse_args(["eval", "--model", "some/dir", "--data", str(data), "--images-root", str(images),
                               "--out", str(out / "report.json"), "--mode", "rank", "--batch-size", "3",
                               "--num-beams", "2", "--generate-kwargs", '{"top_p": 0.9}', "--no-progress"])

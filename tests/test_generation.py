@@ -8,8 +8,9 @@ import torch
 from torch.testing import assert_close
 
 from somelvlm import SoMeLVLM
-from somelvlm.generation import (LavisRepetitionPenalty, _generation_kwargs, encode_images, features_for,
-                                 generate_ids, stream_text)
+from somelvlm.generation import encode_images, features_for, generate_ids, stream_text, transformers_kwargs
+from somelvlm.logits import repetition_penalty
+from somelvlm.options import GenerationOptions
 from somelvlm.processing import SAMPLE_IMAGE, asset_path
 
 IMG = str(asset_path(SAMPLE_IMAGE))
@@ -41,7 +42,8 @@ def gen_ids(m, prompts, image=IMG, **kw):
     kw = {**dict(num_beams=1, max_length=256, min_length=1, max_new_tokens=16, min_new_tokens=None,
                  repetition_penalty=1.5, length_penalty=1.0, do_sample=False, top_p=0.9, temperature=1.0,
                  num_return_sequences=1), **kw}
-    return generate_ids(m, features_for(m, image, len(prompts)), prompts, None, _generation_kwargs(m, **kw))
+    return generate_ids(m, features_for(m, image, len(prompts)), prompts, None,
+                        transformers_kwargs(m, GenerationOptions(**kw)))
 
 
 def strip_tail(ids: list[int], eos: int = 2, pad: int = 2000) -> list[int]:
@@ -89,8 +91,18 @@ def test_greedy_equals_hand_rolled_loop(model):
 def test_repetition_penalty_matches_4_33_rule():
     scores = torch.tensor([[2.0, -1.0, 3.0, -4.0, 0.5]])
     generated = torch.tensor([[3, 3, 4]])
-    out = LavisRepetitionPenalty(2.0)(generated, scores.clone())
+    out = repetition_penalty(scores.clone(), generated, 2.0)
     assert out.tolist() == [[2.0, -2.0, 3.0, -8.0, 0.25]]  # ids 1 (dummy), 3, 4 penalised; 0, 2 untouched
+
+
+def penalty_433(penalty: float):
+    """transformers 4.33's repetition penalty as LAVIS ran it, for transformers 5's `generate` (which
+    has no dummy start id in `input_ids`): the dummy id 1 and the generated ids."""
+    def apply(input_ids, scores):
+        ids = torch.cat([torch.ones_like(input_ids[:, :1]), input_ids], 1)
+        picked = scores.gather(1, ids)
+        return scores.scatter(1, ids, torch.where(picked < 0, picked * penalty, picked / penalty))
+    return apply
 
 
 def test_beam_equals_transformers_generate_on_same_embeddings(model):
@@ -110,11 +122,11 @@ def test_beam_equals_transformers_generate_on_same_embeddings(model):
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
         E = torch.cat([queries, model.llm.get_input_embeddings()(ids)], 1)
         M = torch.cat([torch.ones(len(prompts), queries.shape[1], dtype=torch.long), mask], 1)
-        ref = model.llm.generate(inputs_embeds=E, attention_mask=M, logits_processor=[LavisRepetitionPenalty(1.5)],
+        ref = model.llm.generate(inputs_embeds=E, attention_mask=M, logits_processor=[penalty_433(1.5)],
                                  generation_config=GenerationConfig(num_beams=5, max_new_tokens=12, length_penalty=1.0,
                                                                     eos_token_id=2, pad_token_id=2000, do_sample=False))
     got = generate_ids(model, features_for(model, IMG, len(prompts)), prompts, None,
-                       _generation_kwargs(model, 5, 256, 1, 12, None, 1.5, 1.0, False, 0.9, 1.0, 1))
+                       transformers_kwargs(model, GenerationOptions(max_new_tokens=12)))
     assert [strip_tail(r) for r in ref.tolist()] == [strip_tail(g) for g in got]
     texts = model.generate(IMG, prompts, max_new_tokens=12, fast=False)  # 5 beams, penalty 1.5
     assert texts == [proc.decode(r) for r in ref.tolist()]
@@ -256,8 +268,6 @@ def test_bf16_outputs_close_to_fp32(tmp_path):
 
 
 def test_errors_are_clear(model):
-    with pytest.raises(ValueError, match="images are required"):
-        model.generate(None, ["x"])
     with pytest.raises(TypeError, match="prompts must be strings"):
         model.generate(IMG, [1])
     bare = SoMeLVLM(model.config)
@@ -410,3 +420,79 @@ def test_beam_search_where_transformers_5_differs(max_length):
     want = [m.processor.decode(reference_beam_433(m, p, 5, max_length)) for p in prompts]
     assert got == want
     assert got != m.generate(IMG, prompts, num_beams=5, max_length=max_length, fast=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plain-text posts: the LLM alone on LAVIS's tokenization ([2] + sentencepiece), no soft prompt
+# ------------------------------------------------------------------------------------------------
+def test_text_only_equals_llama_for_causal_lm(model):
+    """Greedy tokens and ranking scores of a text-only post equal `LlamaForCausalLM` on the same ids."""
+    tok = model.processor.llm_tokenizer
+    for p in PROMPTS[:4]:
+        ids = tok.encode(p)
+        assert ids[0] == 2  # LAVIS: every LLM prompt starts with </s>
+        with torch.no_grad():
+            ref = model.llm.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                     do_sample=False, num_beams=1, max_new_tokens=10, eos_token_id=2,
+                                     pad_token_id=2000)[0, len(ids):].tolist()
+        got = gen_ids(model, [p], image=None, max_new_tokens=10, repetition_penalty=1.0)[0]
+        assert strip_tail(got) == strip_tail(ref), p
+        assert model.generate(None, [p], num_beams=1, max_new_tokens=10, repetition_penalty=1.0) == \
+            [model.processor.decode(ref)]
+    prompt, cands = "Is this post hateful? Answer yes or no.", ["yes", "no", "not sure"]
+    p_ids = tok.encode(prompt)
+    for cand, score in model.rank(None, prompt, cands):
+        c_ids = tok.encode(cand, bos=False)
+        with torch.no_grad():
+            logp = model.llm(input_ids=torch.tensor([p_ids + c_ids])).logits[0].log_softmax(-1)
+        want = sum(float(logp[len(p_ids) - 1 + j, t]) for j, t in enumerate(c_ids))
+        assert score == pytest.approx(want, abs=1e-4), cand
+
+
+def test_text_only_stream_and_beams(model):
+    for p in PROMPTS[:3]:
+        assert "".join(model.generate_stream(None, p, max_new_tokens=12)) == \
+            model.generate(None, [p], num_beams=1, max_new_tokens=12)[0]
+    with torch.no_grad():  # beam search on the same ids through transformers (LAVIS penalty by hand)
+        ids = model.processor.llm_tokenizer.encode(PROMPTS[1])
+        ref = model.llm.generate(input_ids=torch.tensor([ids]), num_beams=5, max_new_tokens=12, do_sample=False,
+                                 eos_token_id=2, pad_token_id=2000, logits_processor=[penalty_433_ids(1.5, len(ids))])
+    assert model.generate(None, [PROMPTS[1]], max_new_tokens=12, fast=False) == \
+        [model.processor.decode(ref[0, len(ids):].tolist())]
+
+
+def penalty_433_ids(penalty: float, prompt_len: int):
+    """`penalty_433` for a `generate` given `input_ids`: the prompt is not penalised."""
+    inner = penalty_433(penalty)
+    return lambda input_ids, scores: inner(input_ids[:, prompt_len:], scores)
+
+
+@pytest.mark.parametrize("beams", [1, 5])
+def test_mixed_text_and_image_batch_equals_one_by_one(model, beams, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    other = tmp_path / "other.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(other)
+    images = [IMG, None, str(other), None, IMG, None]
+    prompts = PROMPTS[:6]
+    kw = dict(num_beams=beams, max_new_tokens=10)
+    batched = model.generate(images, prompts, **kw)
+    single = [model.generate(im, [p], **kw)[0] for im, p in zip(images, prompts)]
+    assert batched == single
+    assert model.generate(images, prompts, batch_size=4, **kw) == single
+    text_only = [model.generate(None, [p], **kw)[0] for p in prompts]
+    assert [a == b for a, b in zip(single, text_only)] != [True] * 6  # the image rows really used their image
+
+
+def test_features_with_text_only_rows(model):
+    from somelvlm.generation import NO_IMAGE, ImageFeatures
+
+    feats = features_for(model, [None, IMG, None, IMG], 4)
+    assert feats.rows().tolist() == [NO_IMAGE, 0, NO_IMAGE, 0] and feats.embeds.shape[0] == 1
+    both = ImageFeatures.concat([feats.select([0, 1]), model.encode_images(IMG)])
+    assert both.rows().tolist() == [NO_IMAGE, 0, 1]
+    assert features_for(model, None, 3) is None and features_for(model, [None, None], 2) is None
+    prompts = PROMPTS[:3]
+    assert model.generate(both, prompts, num_beams=1, max_new_tokens=6) == \
+        [model.generate(im, [p], num_beams=1, max_new_tokens=6)[0] for im, p in zip([None, IMG, IMG], prompts)]

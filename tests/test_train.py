@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -403,3 +404,198 @@ def test_cli_writes_a_loadable_final_model_and_lavis_checkpoint(tmp_path, capsys
     assert saved["max_steps"] == 3 and saved["lora"] is True and saved["resume"] is None
     assert main(["finetune", "--resume", str(tmp_path / "d")]) == 1
     assert "not a run folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. Failures a user meets: divergence, all samples bad, odd checkpoint folders, options
+# ------------------------------------------------------------------------------------------------
+def finetune_cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`python -m somelvlm finetune ...` in a subprocess, as a user runs it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "somelvlm", "finetune", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def strict_json_lines(path: Path) -> list[dict]:
+    """Every line of `path` parsed as strict JSON (no NaN / Infinity)."""
+    def refuse(constant: str):
+        raise AssertionError(f"{path}: bare {constant} in a JSON line")
+
+    return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("somelvlm finetune: error: ")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    data = write_dataset(tmp_path / "d", WORDS[:4])
+    run = tmp_path / "run"
+    # lr 1e10 from step 2 on: step 2's update gives weights whose loss at step 3 is NaN
+    proc = finetune_cli("--train", str(data), "--out", str(run), "--max-steps", "3", "--batch-size", "2",
+                        "--lr", "1e10", "--warmup-steps", "1", "--log-every", "1", "--save-every", "1",
+                        "--keep-checkpoints", "1", "--num-workers", "0", "--no-progress")
+    assert proc.returncode == 1
+    error = one_line_error(proc)
+    assert "training diverged at step 3: the loss is nan" in error and "no final/ written" in error, error
+    assert "last good checkpoint" in error and "step-00000001" in error, error
+    assert not (run / "final").exists()
+    # step 2's checkpoint holds the weights that gave the NaN: set aside, and the older one was not
+    # rotated away (--keep-checkpoints 1) before the next step's loss vouched for the newer one
+    assert [p.name for p in trainer.checkpoints(run)] == ["step-00000001"]
+    assert (run / "diverged" / "step-00000002" / "trainable.safetensors").is_file()
+    records = strict_json_lines(run / "log.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and "nan" in records[-1]["diverged"]
+    assert all(math.isfinite(r["loss"]) for r in records[:2])
+
+    # the advice in the message works: continue from the good checkpoint with a lower lr
+    proc = finetune_cli("--resume", str(run), "--lr", "1e-3", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "final" / "model.safetensors").is_file()
+    records = strict_json_lines(run / "log.jsonl")
+    assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_non_finite_learning_rate_or_weights_stop_the_run(tmp_path, monkeypatch):
+    data = write_dataset(tmp_path / "d", WORDS[:4])
+    schedule = trainer.lr_at
+    monkeypatch.setattr(trainer, "lr_at", lambda s, cfg, total: math.nan if s >= 2 else schedule(s, cfg, total))
+    with pytest.raises(trainer.Diverged, match="at step 3: the learning rate is nan"):
+        train(config(tmp_path / "lr", data, max_steps=4, batch_size=2, save_every=1, keep_checkpoints=1))
+    # the weights of step 2 gave a finite loss at step 3: they are the last good checkpoint
+    assert [p.name for p in trainer.checkpoints(tmp_path / "lr")] == ["step-00000002"]
+    assert not (tmp_path / "lr" / "final").exists() and not (tmp_path / "lr" / "diverged").exists()
+    monkeypatch.setattr(trainer, "lr_at", schedule)
+
+    # an lr of 1e300 is a finite float, but fp32 weights overflow: no checkpoint of them, no final/
+    with pytest.raises(trainer.Diverged, match="at step 2: a trainable weight is not finite"):
+        train(config(tmp_path / "w", data, lr=1e300, warmup_steps=1, max_steps=2, batch_size=2, save_every=1))
+    assert [p.name for p in trainer.checkpoints(tmp_path / "w")] == ["step-00000001"]
+    assert not (tmp_path / "w" / "final").exists()
+    strict_json_lines(tmp_path / "w" / "log.jsonl")
+
+
+def test_json_log_never_holds_nan(tmp_path):
+    log = trainer.RunLog(tmp_path, enabled=True, resume_step=None)
+    log.write({"step": 1, "loss": 1.5, "grad_norm": math.inf, "eval_loss": {"dev.json": math.nan}})
+    log.close()
+    assert strict_json_lines(tmp_path / "log.jsonl") == [
+        {"step": 1, "loss": 1.5, "grad_norm": None, "eval_loss": {"dev.json": None}}]
+
+
+def test_a_run_whose_every_image_is_bad_can_be_rerun_with_the_same_out(tmp_path):
+    data = write_dataset(tmp_path / "d", WORDS[:4])
+    images = sorted((tmp_path / "d").glob("*.png"))
+    good = {p: p.read_bytes() for p in images}
+    for p in images:  # present but undecodable: found only when the loader reads them
+        p.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    run = tmp_path / "run"
+    # default --num-workers: the images are read in worker processes, as by users
+    args = ["--train", str(data), "--out", str(run), "--max-steps", "2", "--batch-size", "2", "--no-progress"]
+    proc = finetune_cli(*args)
+    assert proc.returncode == 1
+    error = one_line_error(proc)
+    assert "none of the 4 samples has a readable image" in error and "cannot read image" in error, error
+
+    for p, content in good.items():
+        p.write_bytes(content)
+    proc = finetune_cli(*args)  # the same command again: no "existing run" / "no checkpoint" dead end
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "final" / "model.safetensors").is_file()
+    assert "starting it again" in proc.stderr
+    assert "worker processes in total" not in proc.stderr  # torch's warning about too many workers
+    # --no-progress: no bar, one plain line per logged step
+    assert "it/s" not in proc.stderr and "step 2/2: loss " in proc.stdout, (proc.stdout, proc.stderr)
+    assert [r["step"] for r in strict_json_lines(run / "log.jsonl")] == [2]
+
+
+def test_folders_that_are_not_checkpoints_are_ignored_with_a_warning(tmp_path, caplog):
+    data = write_dataset(tmp_path / "d", WORDS[:4])
+    run = train(config(tmp_path / "run", data, max_steps=2, batch_size=2, save_every=1, keep_checkpoints=0))
+    folder = run / "checkpoints"
+    (folder / "step-00000002-copy").mkdir()  # a user's copy
+    (folder / "step-00000099").mkdir()  # a step-N folder without its files
+    (folder / "step-notes.txt").write_text("tried lr 1e-3")
+    with caplog.at_level("WARNING", logger="somelvlm"):
+        found = trainer.checkpoints(run, warn=True)
+    assert [p.name for p in found] == ["step-00000001", "step-00000002"]
+    ignored = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("ignoring"))
+    assert len(ignored) == 3 and any("step-00000099: not a complete checkpoint" in m for m in ignored), ignored
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="somelvlm"):  # resuming picks the newest real one
+        train(FinetuneConfig.for_resume(run, max_steps=3))
+    assert trainer.checkpoints(run)[-1].name == "step-00000003"
+    assert (folder / "step-00000002-copy").is_dir() and (folder / "step-notes.txt").is_file()  # left alone
+    assert any("step-00000002-copy: not a checkpoint folder name" in r.getMessage() for r in caplog.records)
+    for p in trainer.checkpoints(run):  # only odd folders left: nothing to resume, and final/ is not overwritten
+        shutil.rmtree(p)
+    with pytest.raises(FileNotFoundError, match="has a final/ model but no checkpoint"):
+        train(FinetuneConfig.for_resume(run, max_steps=4))
+
+
+def test_mixed_precision_and_dtype_are_explicit(tmp_path, capsys):
+    from somelvlm.cli import main
+    from somelvlm.train import mixed_precision
+
+    cfg = FinetuneConfig(train=["x"], out="y")
+    assert mixed_precision(cfg, on_gpu=False) == "no" and trainer.frozen_dtype(cfg, on_gpu=False) == torch.float32
+    assert FinetuneConfig(dtype="auto").dtype is None  # args.json of runs saved before --mixed-precision
+    model = build_model(FinetuneConfig(train=["x"], out="y", mixed_precision="bf16"))
+    assert trainer.frozen_dtype(FinetuneConfig(mixed_precision="bf16", dtype="fp16"), False) == torch.float16
+    for name, p in model.named_parameters():  # frozen ViT and LLM in the autocast dtype, trainable ones fp32
+        if p.requires_grad or name.startswith(("vision.", "llm.")):
+            assert p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16), name
+
+    data = write_dataset(tmp_path / "d", WORDS[:2])
+    run = train(config(tmp_path / "bf16", data, mixed_precision="bf16", max_steps=1, batch_size=2))
+    assert all(math.isfinite(x) for x in losses(run))
+    assert main(["finetune", "--train", str(data), "--out", str(tmp_path / "r"), "--mixed-precision", "fp16",
+                 "--cpu"]) == 1
+    assert "--mixed-precision fp16 needs a GPU" in capsys.readouterr().err
+    assert main(["finetune", "--train", str(data), "--out", str(tmp_path / "r"), "--lr", "nan"]) == 1
+    assert "--lr must be a finite number" in capsys.readouterr().err
+
+
+def test_help_shows_every_default():
+    import argparse
+    import re
+
+    from dataclasses import fields as dataclass_fields
+
+    from somelvlm.train import configure
+
+    text = re.sub(r"\s+", " ", configure(argparse.ArgumentParser(prog="x")).format_help())
+    for f in dataclass_fields(FinetuneConfig):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        flag = "--" + f.name.replace("_", "-")
+        help_text = text.split(flag, 2)[-1].split(" --", 1)[0]  # the option's own entry
+        if default is None or default is False or default == []:
+            continue  # flags, required settings and documented defaults ("default: ...")
+        assert re.sub(r"\s+", "", f"(default: {default})") in help_text.replace(" ", ""), (flag, help_text)
+    assert "--no-progress" in text and "--mixed-precision {no,bf16,fp16}" in text
+    assert f"{trainer.default_workers()} for one process here" in text
+
+
+@pytest.mark.slow
+def test_readme_smoke_test_runs_verbatim_and_lowers_the_loss(tmp_path):
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = readme.split("<!-- finetune-smoke-test -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    claimed = re.search(r"done: runs/try/run/final; loss ([\d.]+) \(step 5\) -> ([\d.]+) \(step 30\)", readme)
+    assert claimed, "the README's smoke test names no result"
+    (tmp_path / "src").symlink_to(repo / "src")  # the repository root as the README assumes it
+    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)
+    env = {**os.environ, "PYTHONPATH": str(repo / "src"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", "-e", "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = re.search(r"loss ([\d.]+) \(step 5\) -> ([\d.]+) \(step 30\)", proc.stdout)
+    assert got, proc.stdout
+    first, last = map(float, got.groups())
+    assert last < first / 3
+    assert (first, last) == pytest.approx(tuple(map(float, claimed.groups())), abs=0.02)

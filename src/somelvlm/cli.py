@@ -1,17 +1,103 @@
-"""`somelvlm` command line: convert | generate | eval | finetune. Parsing only; work is in the library."""
+"""`somelvlm` command line: convert | generate | eval | finetune.
+
+One style for every subcommand: `add_<command>(subparsers)` declares its options (each help text
+shows its default), `run_<command>(args)` checks the inputs it can check without a model, then
+loads what it needs and calls the library. `main` turns a user error into one line,
+`somelvlm <command>: error: <message>`, and exit code 1 (argparse usage errors exit 2).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
+
+from . import __version__, train
+from .config import SoMeLVLMConfig
+from .devices import resolve_device
+from .generation import streaming_note
+from .console import run_command, setup_logging
+from .model import SoMeLVLM
+from .options import GenerationOptions
+from .processing import SAMPLE_IMAGE, asset_path
+
+log = logging.getLogger("somelvlm")
+
+DEMO_PROMPT = "Describe this social-media image in one sentence."
+DEMO_MAX_NEW_TOKENS = 20  # the tiny demo's answer is random text anyway: keep it short
+
+DECODING_HELP = {
+    "num_beams": "beams of the beam search (1: greedy or sampling)",
+    "max_length": "LAVIS max_length: counts a dummy start token, so at most max_length-1 new tokens",
+    "min_length": "LAVIS min_length (counts the dummy start token)",
+    "max_new_tokens": "maximum new tokens; overrides --max-length",
+    "min_new_tokens": "minimum new tokens; overrides --min-length",
+    "repetition_penalty": "LAVIS/transformers 4.33 repetition penalty (1: off)",
+    "length_penalty": "beam score = log-prob / length ** length_penalty",
+    "do_sample": "nucleus sampling (beam sampling when --num-beams > 1); temperature 0 means greedy",
+    "top_p": "sampling: keep the smallest set of tokens whose probability reaches top_p",
+    "top_k": "sampling: keep the top_k most likely tokens (0: off)",
+    "temperature": "sampling temperature (0: greedy)",
+    "seed": "random seed for sampling",
+}
 
 
-def _config_arg(value: str | None):
-    from .config import SoMeLVLMConfig
+class Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks."""
 
+
+# ------------------------------------------------------------------------------------------------
+# Shared option groups
+# ------------------------------------------------------------------------------------------------
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny",
+                   help="a somelvlm model folder, or 'tiny' (built-in, random weights) (default: tiny)")
+    g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="compute dtype (default: fp32 on CPU; the folder's half dtype on GPU)")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when usable, else cpu)")
+
+
+def add_decoding_options(p: argparse.ArgumentParser) -> None:
+    """One flag per `GenerationOptions` field (but `num_return_sequences`); a flag not given leaves
+    the model folder's `generation_config.json` (LAVIS's defaults) in force."""
+    g = p.add_argument_group("decoding (default: the model folder's generation_config.json, i.e. LAVIS's)")
+    defaults = GenerationOptions()
+    for name, help in DECODING_HELP.items():
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        shown = "" if default is None else f" (default: {default})"
+        if isinstance(default, bool):
+            g.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help + shown)
+        else:
+            kind = float if isinstance(default, float) else int
+            g.add_argument(flag, dest=name, type=kind, default=argparse.SUPPRESS, metavar=name.split("_")[-1].upper(),
+                           help=help + shown)
+
+
+def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding flags that were given, checked against LAVIS's defaults before any model loads."""
+    given = {k: getattr(args, k) for k in DECODING_HELP if hasattr(args, k)}
+    folder = Path(str(getattr(args, "model", None)))  # a local folder's stored defaults, checked too
+    (GenerationOptions.load(folder) if folder.is_dir() else GenerationOptions()).replace(**given).validate()
+    return given
+
+
+def load_model(args: argparse.Namespace) -> SoMeLVLM:
+    """The model `--model/--dtype/--device` name (the device is checked first)."""
+    return SoMeLVLM.load(args.model, dtype=args.dtype, device=resolve_device(args.device))
+
+
+def require_file(path: str | Path | None, what: str) -> None:
+    if path is not None and not Path(path).exists():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
+def _config_arg(value: str | None) -> SoMeLVLMConfig | None:
     if value is None:
         return None
     if Path(value).is_file():
@@ -25,6 +111,7 @@ def _config_arg(value: str | None):
 def add_convert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "convert", help="convert released LAVIS / HF weights into a somelvlm folder (or export to HF / LAVIS)",
+        formatter_class=Formatter,
         description="Sources: the released LAVIS files (--lavis-checkpoint, --vit, --llm), a Hugging Face "
                     "InstructBLIP folder (--from-hf) or a somelvlm folder (--model). Targets (--to): somelvlm "
                     "(default), hf, lavis.")
@@ -35,7 +122,7 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--from-hf", type=Path, metavar="DIR", help="a transformers InstructBLIP folder")
     src.add_argument("--model", type=Path, metavar="DIR", help="a somelvlm model folder")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
-    p.add_argument("--to", choices=("somelvlm", "hf", "lavis"), default="somelvlm", help="output format")
+    p.add_argument("--to", choices=("somelvlm", "hf", "lavis"), default="somelvlm", help="output format (default: somelvlm)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=None,
                    help="stored dtype. LAVIS sources: auto (default) keeps LAVIS's exact values (LLM and ViT "
                         "linears fp16, the rest fp32), bf16/fp16 cast the big parts, keeping the connection "
@@ -55,20 +142,18 @@ def _model_dtype(dtype: str | None) -> str | None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from .model import SoMeLVLM
+    from .convert import convert_lavis, verify_folder
 
     lavis = [args.lavis_checkpoint, args.vit, args.llm]
     sources = sum([any(x is not None for x in lavis), args.from_hf is not None, args.model is not None])
     if sources != 1:
-        raise SystemExit("give exactly one source: --lavis-checkpoint/--vit/--llm, --from-hf, or --model")
+        raise ValueError("give exactly one source: --lavis-checkpoint/--vit/--llm, --from-hf, or --model")
     if args.out.exists() and not args.force:
-        raise SystemExit(f"{args.out} already exists; use --force to overwrite it")
+        raise FileExistsError(f"{args.out} already exists; use --force to overwrite it")
     if any(x is not None for x in lavis):
         if any(x is None for x in lavis):
-            raise SystemExit("the LAVIS source needs all of --lavis-checkpoint, --vit and --llm")
+            raise ValueError("the LAVIS source needs all of --lavis-checkpoint, --vit and --llm")
         if args.to == "somelvlm":
-            from .convert import convert_lavis
-
             summary = convert_lavis(args.lavis_checkpoint, args.vit, args.llm, args.out, dtype=args.dtype or "auto",
                                     qformer_tokenizer=args.qformer_tokenizer, config=_config_arg(args.config),
                                     force=args.force, progress=not args.no_progress)
@@ -83,8 +168,6 @@ def run_convert(args: argparse.Namespace) -> int:
         model = SoMeLVLM.from_pretrained(args.model, dtype=_model_dtype(args.dtype))
     model.save_pretrained(args.out, format=args.to, force=args.force)
     if args.to == "somelvlm":
-        from .convert import verify_folder
-
         params = verify_folder(args.out)
         print(f"wrote {args.out} ({params['total']:,} parameters)")
     else:
@@ -95,118 +178,193 @@ def run_convert(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 # generate
 # ------------------------------------------------------------------------------------------------
-def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """LAVIS's decoding options (defaults: 5 beams, max_length 256, repetition penalty 1.5, ...)."""
-    g = p.add_argument_group("decoding (LAVIS defaults)")
-    g.add_argument("--num-beams", type=int, default=5)
-    g.add_argument("--max-length", type=int, default=256,
-                   help="LAVIS max_length: counts a dummy start token, so at most max_length-1 new tokens")
-    g.add_argument("--max-new-tokens", type=int, default=None, help="overrides --max-length")
-    g.add_argument("--min-length", type=int, default=1, help="LAVIS min_length (counts the dummy start token)")
-    g.add_argument("--repetition-penalty", type=float, default=1.5)
-    g.add_argument("--length-penalty", type=float, default=1.0)
-    g.add_argument("--do-sample", action="store_true", help="nucleus sampling (beam sampling when --num-beams > 1)")
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-
-
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    return dict(num_beams=args.num_beams, max_length=args.max_length, max_new_tokens=args.max_new_tokens,
-                min_length=args.min_length, repetition_penalty=args.repetition_penalty,
-                length_penalty=args.length_penalty, do_sample=args.do_sample, top_p=args.top_p,
-                temperature=args.temperature, seed=args.seed)
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="a somelvlm model folder, or 'tiny' (built-in, random weights)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: as stored")
-    p.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default: cuda if available)")
-
-
-def load_model_from_args(args: argparse.Namespace):
-    import torch
-
-    from .model import SoMeLVLM
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SoMeLVLM.load(args.model, dtype=args.dtype, device=device)
-
-
-DEMO_PROMPT = "Describe this social-media image in one sentence."
-
-
 def add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="answer prompts about images",
+    p = sub.add_parser("generate", help="answer prompts about images", formatter_class=Formatter,
                        description="One answer: --image IMG --prompt TEXT. A file of tasks: --input tasks.jsonl "
                                    "--output answers.jsonl (lines of {id, image, prompt} or SoMeData's "
                                    "{text_input, image}); resumable. Without arguments, the built-in tiny "
-                                   "model answers a question about a bundled photo.")
+                                   "model answers a question about a bundled photo (a short random answer).")
     add_model_options(p)
-    p.add_argument("--image", help="image file (default with --model tiny: a bundled sample photo)")
-    p.add_argument("--prompt", help="the instruction / question")
-    p.add_argument("--stream", action="store_true", help="print the answer as it is produced (greedy)")
+    p.add_argument("--image", help="image file; without it the post is text only (without --image and "
+                                   "--prompt, --model tiny runs a demo on a bundled photo)")
+    p.add_argument("--prompt", help="the instruction / question (with the post's text)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the answer as it is produced; decodes one sequence (greedy, or sampling "
+                        "with --do-sample): --num-beams must be 1 or left out")
     p.add_argument("--input", type=Path, help="tasks file (JSONL or a JSON list)")
     p.add_argument("--output", type=Path, help="answers file (JSONL; appended, resumable)")
-    p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
-    p.add_argument("--no-progress", action="store_true")
-    add_generation_options(p)
+    p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to "
+                                                    "(default: the tasks file's folder)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_decoding_options(p)
     p.set_defaults(func=run_generate)
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from .processing import SAMPLE_IMAGE, asset_path
-
     if (args.input is None) != (args.output is None):
-        raise SystemExit("--input and --output go together")
+        raise ValueError("--input and --output go together")
     if args.input is not None and (args.image or args.prompt):
-        raise SystemExit("use either --input/--output or --image/--prompt")
+        raise ValueError("use either --input/--output or --image/--prompt")
     if args.batch_size < 1:
-        raise SystemExit("--batch-size must be at least 1")
-    kwargs = generation_kwargs(args)
-    model = load_model_from_args(args)
+        raise ValueError("--batch-size must be at least 1")
+    overrides = decoding_overrides(args)
     if args.input is not None:
-        from .batch import answer_tasks
-
-        res = answer_tasks(model, args.input, args.output, images_root=args.images_root,
-                           batch_size=args.batch_size, progress=not args.no_progress, **kwargs)
-        rate = res.answered / res.seconds if res.seconds else 0.0
-        print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
-              f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
-        return 0 if res.ok else 1
-    image = args.image
-    if image is None:
-        if args.model not in (None, "tiny"):
-            raise SystemExit("--image is required (or --input/--output)")
-        image = str(asset_path(SAMPLE_IMAGE))
+        require_file(args.input, "tasks file")
+        require_file(args.images_root, "images folder")
+        return _answer_file(args, overrides)
+    demo = args.image is None and args.prompt is None and args.model in (None, "tiny")
+    if args.image is None and args.prompt is None and not demo:
+        raise ValueError("--prompt is required (with --image for a post with an image), or --input/--output")
+    image = str(asset_path(SAMPLE_IMAGE)) if demo else args.image  # None: a text-only post
+    require_file(image, "image")
     prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
     if args.stream:
-        if args.num_beams != 1:
-            print("note: streaming decodes greedily (--num-beams 1)", file=sys.stderr)
-        kwargs["num_beams"] = 1
-        for piece in model.generate_stream(image, prompt, **kwargs):
+        overrides.setdefault("num_beams", 1)
+        note = streaming_note(GenerationOptions().replace(**overrides))
+        if note:
+            raise ValueError(f"--stream: {note}: use --num-beams 1 or drop --stream")
+    if demo:
+        overrides.setdefault("max_new_tokens", DEMO_MAX_NEW_TOKENS)
+        print(f"demo: photo {image}\ndemo: prompt {prompt!r}", file=sys.stderr)
+    model = load_model(args)
+    if args.stream:
+        for piece in model.generate_stream(image, prompt, **overrides):
             print(piece, end="", flush=True)
         print()
     else:
-        print(model.generate(image, [prompt], **kwargs)[0])
+        print(model.generate(image, [prompt], **overrides)[0])
     return 0
+
+
+def _answer_file(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    from .batch import answer_tasks
+
+    model = load_model(args)
+    res = answer_tasks(model, args.input, args.output, images_root=args.images_root, batch_size=args.batch_size,
+                       progress=not args.no_progress, **overrides)
+    rate = res.answered / res.seconds if res.seconds else 0.0
+    print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
+          f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
+    return 0 if res.ok else 1
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+# ------------------------------------------------------------------------------------------------
+EVAL_DESCRIPTION = """Score existing predictions, or run a model over SoMeData task files:
+
+    somelvlm eval --data FILE_OR_DIR --predictions PRED.jsonl --out report.json
+    somelvlm eval --model DIR --data FILE_OR_DIR --images-root DIR --out report.json [--mode rank]
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err.msg}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate on SoMeData task files", description=EVAL_DESCRIPTION,
+                       formatter_class=Formatter)
+    p.add_argument("--data", required=True, help="a SoMeData JSON task file, or a folder of them")
+    p.add_argument("--out", required=True, help="report JSON path (a Markdown twin .md is written next to it)")
+    p.add_argument("--predictions",
+                   help="JSONL predictions: scored as is when no --model is given; with --model, where answers "
+                        "are appended (and resumed from) (default with a model: <out stem>.predictions.jsonl)")
+    add_model_options(p)
+    p.set_defaults(model=None)  # without --model and --predictions: the tiny model
+    p.add_argument("--images-root", help="folder the samples' image names are relative to "
+                                         "(default: the data file's folder)")
+    p.add_argument("--mode", choices=["generate", "rank"], default="generate",
+                   help="rank: answer classification prompts by ranking their options (default: generate)")
+    p.add_argument("--batch-size", type=_positive_int, default=8,
+                   help="distinct images per encode call and prompts per generate call (default: 8)")
+    p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples of each file")
+    add_decoding_options(p)
+    p.add_argument("--generate-kwargs", type=_json_object, default={},
+                   help='more decoding options as JSON, e.g. \'{"top_p": 0.9}\' (names as in --help)')
+    p.add_argument("--judge", help="MODULE:FUNCTION, a judge(prompt, prediction, reference) -> float "
+                                   "averaged over generation samples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate.runner import evaluate, score, write_report
+
+    require_file(args.data, "data file")
+    judge = _load_judge(args.judge)
+    out = Path(args.out)
+    if args.predictions and not args.model:
+        require_file(args.predictions, "predictions file")
+        report = score(args.data, args.predictions, limit=args.limit, judge=judge)
+        write_report(report, out)
+    else:
+        require_file(args.images_root, "images folder")
+        overrides = decoding_overrides(args) | _checked_kwargs(args.generate_kwargs)
+        args.model = args.model or "tiny"
+        report = evaluate(load_model(args), args.data, args.images_root, out.parent, mode=args.mode,
+                          batch_size=args.batch_size, generate_kwargs=overrides, limit=args.limit,
+                          predictions_path=args.predictions or out.with_name(f"{out.stem}.predictions.jsonl"),
+                          report_path=out, judge=judge, progress=not args.no_progress)
+    print(f"wrote {out} and {out.with_suffix('.md')}: {_summary(report)}", file=sys.stderr)
+    return 0
+
+
+def _checked_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`--generate-kwargs` entries, each a known decoding option of the right type."""
+    GenerationOptions.from_dict(kwargs, "--generate-kwargs")
+    return dict(kwargs)
+
+
+def _load_judge(spec: str | None) -> Callable[[str, str, str], float] | None:
+    if spec is None:
+        return None
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"--judge must look like MODULE:FUNCTION, got {spec!r}")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot load judge {spec!r}: {err}") from None
+
+
+def _summary(report: dict) -> str:
+    if "files" in report:
+        return f"{len(report['files'])} files, {report['n']} samples, {report['failed']} failed"
+    if report["task"] == "classification":
+        return f"Acc {_pct(report['acc'])}, Acc* {_pct(report['acc_star'])} (n={report['n']})"
+    return f"BLEU {_pct(report['bleu'])}, ROUGE-L {_pct(report['rouge_l'])} (n={report['n']})"
+
+
+def _pct(value: float | None) -> str:
+    return "undefined" if value is None else f"{value:.2f}"
 
 
 # ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, train
-    from .evaluate import cli as evaluate_cli
-
     parser = argparse.ArgumentParser(prog="somelvlm", description="SoMeLVLM / InstructBLIP-Vicuna in plain PyTorch")
     parser.add_argument("--version", action="version", version=f"somelvlm {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_convert(sub)
     add_generate(sub)
-    evaluate_cli.add_parser(sub)
+    add_eval(sub)
     train.add_parser(sub)
     return parser
 
@@ -214,19 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(args.func, args, f"somelvlm {args.command}")
 
 
 if __name__ == "__main__":

@@ -23,19 +23,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int
-    min_new_tokens: int = 0
-    repetition_penalty: float = 1.0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 50
-    top_p: float = 1.0
-    eos_id: int = 2
-    pad_id: int = 0
-    dummy_id: int | None = 1  # LAVIS: the repetition penalty also covers this id (transformers 4.33)
+from .logits import SamplingSettings, process_scores
 
 
 def supports(llm) -> bool:
@@ -549,33 +537,3 @@ class Flight:
         out = torch.einsum("rcgp,cpd->rcgd", w[..., :P], pv[i]) + torch.einsum("rcgt,rctd->rcgd", w[..., P:], sv)
         return out.reshape(R, -1, 1, out.shape[-1])  # [R, H, 1, hd]
 
-
-def process_scores(logits: torch.Tensor, generated: torch.Tensor, step: int, s: SamplingSettings) -> torch.Tensor:
-    """`generate`'s logits processors and warpers, in its order: repetition penalty, min new tokens,
-    then (sampling) temperature, top-k, top-p."""
-    scores = logits
-    if s.repetition_penalty != 1.0:
-        ids = generated
-        if s.dummy_id is not None:
-            ids = torch.cat([generated.new_full((generated.shape[0], 1), s.dummy_id), generated], dim=1)
-        picked = scores.gather(1, ids)
-        picked = torch.where(picked < 0, picked * s.repetition_penalty, picked / s.repetition_penalty)
-        scores = scores.scatter(1, ids, picked)
-    if step < s.min_new_tokens:
-        scores = scores.clone()
-        scores[:, s.eos_id] = -float("inf")
-    if not s.do_sample:
-        return scores
-    if s.temperature != 1.0:
-        scores = scores / s.temperature
-    if s.top_k and s.top_k > 0:
-        k = min(s.top_k, scores.shape[-1])
-        kth = torch.topk(scores, k)[0][..., -1, None]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    if s.top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cum <= (1 - s.top_p)
-        remove[..., -1:] = False  # keep at least one token
-        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
-    return scores

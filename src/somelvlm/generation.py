@@ -1,12 +1,15 @@
-"""Generation exactly as LAVIS `Blip2VicunaInstruct.generate`, plus encode-once-ask-many, streaming
-and candidate ranking (`predict_class`).
+"""Generation exactly as LAVIS `Blip2VicunaInstruct.generate`, plus encode-once-ask-many, streaming,
+plain-text posts and candidate ranking (`predict_class`).
 
 The LLM sees `[Q query embeddings][left pads][</s> prompt]` with position ids from the attention
-mask (pads skipped). Decoding runs on the lean decoder (`decoding.py`) with transformers 4.33's
-semantics, which LAVIS ran: `max_length` and `min_length` count a dummy start token, so by default
-at most `max_length - 1 = 255` new tokens are produced and `min_length=1` is a no-op; the repetition
-penalty covers that dummy id and the generated ids; beams are scored by 4.33's rules. Output ids
-equal to 0 become 2, special ids are skipped, and the text is stripped.
+mask (pads skipped). A post without an image (text-only mode, our choice: LAVIS always has an
+image) is `[left pads][</s> prompt]`: the same LAVIS tokenization, no soft prompt; in a batch that
+mixes both, a text-only row's query slots are masked out like pads, so it computes what it would
+alone. Decoding options are one `GenerationOptions` (defaults: `model.generation_options`, LAVIS's
+unless the model folder says otherwise), validated before any work. Decoding runs on the lean decoder
+(`decoding.py`) with transformers 4.33's semantics, which LAVIS ran: `max_length` and `min_length`
+count a dummy start token; the logits processing lives in `logits.py`; beams are scored by 4.33's
+rules. Output ids equal to 0 become 2, special ids are skipped, and the text is stripped.
 """
 
 from __future__ import annotations
@@ -16,11 +19,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
-from .decoding import LlamaDecoder, SamplingSettings, supports
+from .decoding import LlamaDecoder, supports
+from .logits import DUMMY_START_ID, LavisLogitsProcessor, SamplingSettings
+from .options import GenerationOptions
 from .processing import IGNORE_INDEX, pad_batch
 
-DUMMY_START_ID = 1  # the Vicuna generation_config's bos, which transformers 4.33 put in front of outputs
+NO_IMAGE = -1  # `ImageFeatures.index` value of a text-only row
 
 
 @dataclass
@@ -29,7 +35,7 @@ class ImageFeatures:
 
     `embeds [U, tokens, width]` holds each distinct image once; `index [N]` (None: `arange(U)`) says
     which image each prompt row uses, so selecting rows never copies embeddings and the Q-Former
-    computes its cross-attention keys/values once per image."""
+    computes its cross-attention keys/values once per image. `NO_IMAGE` (-1) marks a text-only row."""
 
     embeds: torch.Tensor
     index: torch.Tensor | None = None
@@ -40,6 +46,10 @@ class ImageFeatures:
     def rows(self) -> torch.Tensor:
         return torch.arange(self.embeds.shape[0], device=self.embeds.device) if self.index is None else self.index
 
+    def has_image(self) -> torch.Tensor:
+        """`[N]` bool: which rows have an image."""
+        return self.rows() != NO_IMAGE
+
     def select(self, indices: Sequence[int]) -> "ImageFeatures":
         """Rows for a batch of prompts (an index may repeat: one image, many prompts)."""
         idx = torch.as_tensor(list(indices), dtype=torch.long, device=self.embeds.device)
@@ -49,7 +59,8 @@ class ImageFeatures:
     def concat(parts: Sequence["ImageFeatures"]) -> "ImageFeatures":
         offsets, rows = 0, []
         for p in parts:
-            rows.append(p.rows() + offsets)
+            r = p.rows()
+            rows.append(torch.where(r == NO_IMAGE, r, r + offsets))
             offsets += p.embeds.shape[0]
         return ImageFeatures(torch.cat([p.embeds for p in parts]), torch.cat(rows))
 
@@ -79,24 +90,47 @@ def encode_images(model: Any, images: Any, batch_size: int = 16) -> ImageFeature
     return ImageFeatures(torch.cat([model.encode_image(c) for c in chunks]))
 
 
-def features_for(model: Any, images: Any, n: int) -> ImageFeatures:
-    """Image features for `n` prompts: one image (or feature row) is shared by all prompts; a list of
-    `n` images is encoded once per distinct path (or object)."""
+def _image_list(images: Any, n: int) -> list[Any] | None:
+    """`images` as one entry per prompt (None = text only), or None when it is one image, a tensor or
+    `ImageFeatures` (checked by `features_for`)."""
     if images is None:
-        raise ValueError("images are required")
-    if not isinstance(images, (ImageFeatures, torch.Tensor)) and not _is_single_image(images):
-        items = list(images)
-        if len(items) not in (1, n):
-            raise ValueError(f"{len(items)} images for {n} prompts: give one image per prompt, or one for all")
-        keys = [os.fspath(x) if isinstance(x, (str, os.PathLike)) else id(x) for x in items]
+        return [None] * n
+    if isinstance(images, (ImageFeatures, torch.Tensor)) or _is_single_image(images):
+        return None
+    items = list(images)
+    if len(items) == 1:
+        return items * n
+    if len(items) != n:
+        raise ValueError(f"{len(items)} images for {n} prompts: give one image per prompt, or one for all")
+    return items
+
+
+def rows_with_image(images: Any, n: int) -> list[bool]:
+    """Which of `n` prompts have an image (`images` as `generate` takes them; None entries: text only)."""
+    if isinstance(images, ImageFeatures) and len(images) == n:
+        return images.has_image().tolist()
+    items = _image_list(images, n)
+    return [True] * n if items is None else [x is not None for x in items]
+
+
+def features_for(model: Any, images: Any, n: int) -> ImageFeatures | None:
+    """Image features for `n` prompts (None: no prompt has an image). One image (or feature row) is
+    shared by all prompts; a list of `n` images (None = that prompt is text only) is encoded once per
+    distinct path (or object)."""
+    items = _image_list(images, n)
+    if items is not None:
+        keys = [None if x is None else os.fspath(x) if isinstance(x, (str, os.PathLike)) else id(x) for x in items]
         slot: dict[Any, int] = {}
         unique = []
         for k, x in zip(keys, items):
-            if k not in slot:
+            if x is not None and k not in slot:
                 slot[k] = len(unique)
                 unique.append(x)
-        feats = encode_images(model, unique)
-        return feats.select([slot[k] for k in keys] if len(items) == n else [0] * n)
+        if not unique:
+            return None
+        embeds = encode_images(model, unique).embeds
+        index = [NO_IMAGE if k is None else slot[k] for k in keys]
+        return ImageFeatures(embeds, torch.tensor(index, dtype=torch.long, device=embeds.device))
     feats = encode_images(model, images)
     if len(feats) == n:
         return feats
@@ -105,67 +139,88 @@ def features_for(model: Any, images: Any, n: int) -> ImageFeatures:
     raise ValueError(f"{len(feats)} images for {n} prompts: give one image per prompt, or one for all")
 
 
-class LavisRepetitionPenalty:
-    """transformers 4.33's repetition penalty as LAVIS ran it: applied to every id in the decoder's
-    `input_ids`, which held a dummy start id (`<s>` = 1) before the generated ids (never the prompt):
-    `s * p` where `s < 0`, else `s / p`. (transformers 5 has no dummy id, so it would skip id 1.)"""
-
-    def __init__(self, penalty: float, dummy_id: int = DUMMY_START_ID) -> None:
-        self.penalty = penalty
-        self.dummy_id = dummy_id
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        dummy = input_ids.new_full((input_ids.shape[0], 1), self.dummy_id)
-        ids = torch.cat([dummy, input_ids], dim=1)
-        picked = scores.gather(1, ids)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        return scores.scatter(1, ids, picked)
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+def resolve_options(model: Any, options: GenerationOptions | None = None, **overrides: Any) -> GenerationOptions:
+    """`options` (default: the model's `generation_options`, else LAVIS's) with `overrides` applied.
+    An unknown override is a ValueError naming it; values are type-checked."""
+    base = options if options is not None else getattr(model, "generation_options", None) or GenerationOptions()
+    if not isinstance(base, GenerationOptions):
+        raise TypeError(f"options must be a GenerationOptions, got {type(base).__name__}")
+    if not overrides:
+        return base
+    return GenerationOptions.from_dict({**base.to_dict(), **overrides}, source="generate")
 
 
-def new_token_limits(max_length: int, min_length: int, max_new_tokens: int | None,
-                     min_new_tokens: int | None) -> tuple[int, int]:
-    """LAVIS's `max_length`/`min_length` count the dummy start token; explicit `*_new_tokens` win."""
-    if max_new_tokens is None:
-        max_new_tokens = max_length - 1
-    if min_new_tokens is None:
-        min_new_tokens = max(min_length - 1, 0)
-    if max_new_tokens < 1:
-        raise ValueError(f"nothing to generate: max_new_tokens={max_new_tokens}")
-    return max_new_tokens, min_new_tokens
+def check_lengths(model: Any, options: GenerationOptions, prompts: Sequence[str], with_image: Sequence[bool]) -> None:
+    """Refuse (ValueError) prompts that, with their soft prompt and the new tokens, do not fit the LLM's
+    positions. LAVIS never truncates a prompt at generation, so neither do we."""
+    tok = model.require_processor().llm_tokenizer
+    limit = model.config.llm.max_positions
+    queries = model.query_tokens.shape[1]
+    totals = [len(tok.encode(p)) + (queries if img else 0) for p, img in zip(prompts, with_image)]
+    worst = max(range(len(totals)), key=totals.__getitem__)
+    if totals[worst] >= limit:
+        which = f"prompt {worst + 1} of {len(totals)}" if len(totals) > 1 else "the prompt"
+        soft = f" + {queries} query tokens" if with_image[worst] else ""
+        raise ValueError(f"{which} is too long: {totals[worst] - (queries if with_image[worst] else 0)} tokens{soft} "
+                         f"leave no room for an answer in the model's {limit} positions (LAVIS does not "
+                         "truncate prompts at generation); shorten it")
+    options.validate(max_positions=limit, prompt_tokens=totals[worst])
 
 
-def _generation_kwargs(model: Any, num_beams: int, max_length: int, min_length: int,
-                       max_new_tokens: int | None, min_new_tokens: int | None, repetition_penalty: float,
-                       length_penalty: float, do_sample: bool, top_p: float, temperature: float,
-                       num_return_sequences: int, top_k: int = 50, **extra: Any) -> dict[str, Any]:
-    from transformers import GenerationConfig, LogitsProcessorList
-
+def sampling_settings(model: Any, options: GenerationOptions) -> SamplingSettings:
     llm = model.config.llm
-    max_new_tokens, min_new_tokens = new_token_limits(max_length, min_length, max_new_tokens, min_new_tokens)
-    cfg = dict(num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-               length_penalty=length_penalty, do_sample=do_sample, num_return_sequences=num_return_sequences,
-               eos_token_id=llm.eos_id, pad_token_id=llm.pad_id, bos_token_id=DUMMY_START_ID, use_cache=True)
-    if do_sample:
-        cfg.update(top_p=top_p, temperature=temperature, top_k=top_k)
-    direct = {k: extra.pop(k) for k in _GENERATE_ARGS if k in extra}
-    cfg.update(extra)
-    processors = LogitsProcessorList(direct.pop("logits_processor", None) or [])
-    if repetition_penalty != 1.0:
-        processors.insert(0, LavisRepetitionPenalty(repetition_penalty))
-    return {"generation_config": GenerationConfig(**cfg), "logits_processor": processors, **direct}
+    return SamplingSettings.from_options(options, eos_id=llm.eos_id, pad_id=llm.pad_id)
 
 
-_GENERATE_ARGS = ("streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn")
+def transformers_kwargs(model: Any, options: GenerationOptions) -> dict[str, Any]:
+    """Keywords for `model.llm.generate`: its search loop, our logits processing (`logits.py`; every
+    processor transformers would add itself is switched off)."""
+    llm = model.config.llm
+    max_new, _ = options.new_token_limits()
+    cfg = GenerationConfig(num_beams=options.num_beams, max_new_tokens=max_new, length_penalty=options.length_penalty,
+                           do_sample=not options.greedy, num_return_sequences=options.num_return_sequences,
+                           eos_token_id=llm.eos_id, pad_token_id=llm.pad_id, bos_token_id=DUMMY_START_ID,
+                           use_cache=True)
+    if cfg.do_sample:
+        cfg.update(temperature=1.0, top_k=0, top_p=1.0)
+    processors = LogitsProcessorList([LavisLogitsProcessor(sampling_settings(model, options))])
+    return {"generation_config": cfg, "logits_processor": processors}
+
+
+# ------------------------------------------------------------------------------------------------
+# LLM inputs
+# ------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def soft_prompt(model: Any, feats: ImageFeatures | None, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The projected queries `[B, Q, D]` of the rows with an image (zeros elsewhere) and that row mask
+    `[B]`; `Q = 0` when no row has an image."""
+    B = len(prompts)
+    has = torch.zeros(B, dtype=torch.bool) if feats is None else feats.has_image().cpu()
+    if not bool(has.any()):
+        return torch.zeros(B, 0, model.config.llm.hidden, device=model.device), has
+    sel = has.nonzero().squeeze(1)
+    q_ids, q_mask = model.require_processor().qformer_text([prompts[i] for i in sel.tolist()])
+    rows = feats.rows().index_select(0, sel.to(feats.embeds.device))
+    queries = model.query_embeds(feats.embeds, q_ids, q_mask, image_index=rows)  # [B', Q, D]
+    if bool(has.all()):
+        return queries, has
+    out = queries.new_zeros(B, *queries.shape[1:])
+    out[sel.to(out.device)] = queries
+    return out, has
 
 
 @torch.inference_mode()
-def llm_generate_inputs(model: Any, feats: ImageFeatures, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`inputs_embeds [B, Q+L, D]` and `attention_mask [B, Q+L]` in LAVIS's generation layout."""
-    proc = model.require_processor()
-    q_ids, q_mask = proc.qformer_text(prompts)
-    ids, mask = proc.prompts(prompts, side="left")
-    queries = model.query_embeds(feats.embeds, q_ids, q_mask, image_index=feats.index)
+def llm_generate_inputs(model: Any, feats: ImageFeatures | None,
+                        prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`inputs_embeds [B, Q+L, D]` and `attention_mask [B, Q+L]` in LAVIS's generation layout; a
+    text-only row's Q query slots are masked out (Q = 0 when no row has an image)."""
+    ids, mask = model.require_processor().prompts(prompts, side="left")
+    queries, has = soft_prompt(model, feats, prompts)
     inputs, full_mask, _ = model.llm_inputs(queries, ids, mask)
+    full_mask[:, :queries.shape[1]] = has[:, None].to(full_mask)
     return inputs, full_mask
 
 
@@ -175,103 +230,94 @@ def _as_list(prompts: Any) -> list[str]:
     if prompts is None:
         raise ValueError("prompts are required")
     prompts = list(prompts)
+    if not prompts:
+        raise ValueError("no prompts given")
     if not all(isinstance(p, str) for p in prompts):
         raise TypeError("prompts must be strings")
     return prompts
 
 
-@torch.inference_mode()
-def generate(
-    model: Any,
-    images: Any = None,
-    prompts: str | Sequence[str] | None = None,
-    num_beams: int = 5,
-    max_length: int = 256,
-    min_length: int = 1,
-    max_new_tokens: int | None = None,
-    min_new_tokens: int | None = None,
-    repetition_penalty: float = 1.5,
-    length_penalty: float = 1.0,
-    do_sample: bool = False,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    temperature: float = 1.0,
-    num_return_sequences: int = 1,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    fast: bool = True,
-    **extra: Any,
-) -> list[str]:
-    """Answers for `prompts` (one per prompt, times `num_return_sequences`), LAVIS defaults.
+def _prepare(model: Any, images: Any, prompts: list[str], options: GenerationOptions | None,
+             overrides: dict[str, Any]) -> tuple[GenerationOptions, ImageFeatures | None]:
+    """Options resolved and checked against the prompts' lengths (before any model work), then the
+    image features."""
+    opts = resolve_options(model, options, **overrides).validate()
+    check_lengths(model, opts, prompts, rows_with_image(images, len(prompts)))
+    return opts, features_for(model, images, len(prompts))
 
-    `images`: one image for all prompts, one per prompt, a `[B,3,S,S]` tensor, or `ImageFeatures`
-    from `encode_images`. `max_new_tokens` overrides LAVIS's `max_length` (which counts a dummy
-    start token: 255 new tokens by default). `batch_size` splits long prompt lists. Greedy,
-    sampling and beam search run on somelvlm's lean decoder with transformers 4.33's semantics,
-    which LAVIS's outputs depend on (`fast=False`: transformers 5's own `generate`, whose beam
-    search scores truncated beams and stops differently); beam *sampling* (`do_sample` with
-    `num_beams > 1`) always uses transformers. `top_k=50` is 4.33's default, which LAVIS sampling used.
+
+# ------------------------------------------------------------------------------------------------
+# Generation
+# ------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def generate(model: Any, images: Any = None, prompts: str | Sequence[str] | None = None,
+             options: GenerationOptions | None = None, *, batch_size: int | None = None, fast: bool = True,
+             **overrides: Any) -> list[str]:
+    """Answers for `prompts` (one per prompt, times `num_return_sequences`).
+
+    `images`: one image for all prompts, one per prompt (None entries: that post is text only),
+    None (all text only), a `[B,3,S,S]` tensor, or `ImageFeatures` from `encode_images`.
+    `options`/`overrides`: `GenerationOptions` and any of its fields by name (default: the model's
+    `generation_options`, LAVIS's: 5 beams, `max_length=256` counting a dummy start token, so 255 new
+    tokens, ...); an unknown name or a bad value is a ValueError before any work. `batch_size`
+    splits long prompt lists. Greedy, sampling and beam search run on somelvlm's lean decoder with
+    transformers 4.33's semantics, which LAVIS's outputs depend on (`fast=False`: transformers 5's
+    own `generate` with our logits processing, whose beam search scores truncated beams and stops
+    differently); beam *sampling* (`do_sample` with `num_beams > 1`) and several sampled answers per
+    prompt always use transformers. Sampling at `temperature=0` is greedy.
     """
     prompts = _as_list(prompts)
-    feats = features_for(model, images, len(prompts))
-    if seed is not None:
-        torch.manual_seed(seed)
-    proc = model.require_processor()
-    lean = fast and not extra and supports(model.llm) and (num_beams == 1 or not do_sample)
-    if lean and (num_beams > 1 or num_return_sequences == 1):
-        settings = sampling_settings(model, max_length, min_length, max_new_tokens, min_new_tokens,
-                                     repetition_penalty, do_sample, top_p, top_k, temperature)
-        ids = fast_generate_ids(model, feats, prompts, batch_size, settings, num_beams, length_penalty,
-                                num_return_sequences)
+    opts, feats = _prepare(model, images, prompts, options, overrides)
+    if opts.seed is not None:
+        torch.manual_seed(opts.seed)
+    one = opts.num_beams == 1 and opts.num_return_sequences == 1
+    if fast and supports(model.llm) and (one or (opts.num_beams > 1 and opts.greedy)):
+        ids = fast_generate_ids(model, feats, prompts, batch_size, opts)
     else:
-        gen = _generation_kwargs(model, num_beams, max_length, min_length, max_new_tokens, min_new_tokens,
-                                 repetition_penalty, length_penalty, do_sample, top_p, temperature,
-                                 num_return_sequences, top_k=top_k, **extra)
-        ids = generate_ids(model, feats, prompts, batch_size, gen)
+        ids = generate_ids(model, feats, prompts, batch_size, transformers_kwargs(model, opts))
+    proc = model.require_processor()
     return [proc.decode(row) for row in ids]
 
 
-def sampling_settings(model: Any, max_length: int = 256, min_length: int = 1, max_new_tokens: int | None = None,
-                      min_new_tokens: int | None = None, repetition_penalty: float = 1.5, do_sample: bool = False,
-                      top_p: float = 0.9, top_k: int = 50, temperature: float = 1.0) -> SamplingSettings:
-    max_new, min_new = new_token_limits(max_length, min_length, max_new_tokens, min_new_tokens)
-    llm = model.config.llm
-    return SamplingSettings(max_new_tokens=max_new, min_new_tokens=min_new, repetition_penalty=repetition_penalty,
-                            do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                            eos_id=llm.eos_id, pad_id=llm.pad_id, dummy_id=DUMMY_START_ID)
-
-
-def fast_generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_size: int | None,
-                      settings: SamplingSettings, num_beams: int = 1, length_penalty: float = 1.0,
-                      num_return_sequences: int = 1) -> list[list[int]]:
-    """New token ids per answer from the lean decoder (greedy, sampling, or 4.33-rule beam search)."""
-    decoder = LlamaDecoder(model.llm)
+def _chunks(feats: ImageFeatures | None, prompts: list[str],
+            batch_size: int | None) -> Iterator[tuple[ImageFeatures | None, list[str]]]:
     step = batch_size or len(prompts)
-    out: list[list[int]] = []
     for i in range(0, len(prompts), step):
         part = prompts[i:i + step]
-        inputs, mask = llm_generate_inputs(model, feats.select(range(i, i + len(part))), part)
-        if num_beams > 1:
-            out.extend(decoder.beam_search(inputs, mask, settings, num_beams, length_penalty, num_return_sequences))
+        yield (None if feats is None else feats.select(range(i, i + len(part)))), part
+
+
+def fast_generate_ids(model: Any, feats: ImageFeatures | None, prompts: list[str], batch_size: int | None,
+                      options: GenerationOptions) -> list[list[int]]:
+    """New token ids per answer from the lean decoder (greedy, sampling, or 4.33-rule beam search)."""
+    decoder = LlamaDecoder(model.llm)
+    settings = sampling_settings(model, options)
+    out: list[list[int]] = []
+    for part_feats, part in _chunks(feats, prompts, batch_size):
+        inputs, mask = llm_generate_inputs(model, part_feats, part)
+        if options.num_beams > 1:
+            out.extend(decoder.beam_search(inputs, mask, settings, options.num_beams, options.length_penalty,
+                                           options.num_return_sequences))
         else:
             tokens = torch.stack(list(decoder.decode(inputs, mask, settings)), dim=1)  # [B, new]
             out.extend(row.tolist() for row in tokens)
     return out
 
 
-def generate_ids(model: Any, feats: ImageFeatures, prompts: list[str], batch_size: int | None,
+def generate_ids(model: Any, feats: ImageFeatures | None, prompts: list[str], batch_size: int | None,
                  gen: dict[str, Any]) -> list[list[int]]:
-    """New token ids per answer (before LAVIS's decoding rules), `batch_size` prompts per call."""
-    step = batch_size or len(prompts)
+    """New token ids per answer from transformers' `generate` (`gen`: `transformers_kwargs`)."""
     out: list[list[int]] = []
-    for i in range(0, len(prompts), step):
-        part = prompts[i:i + step]
-        inputs, mask = llm_generate_inputs(model, feats.select(range(i, i + len(part))), part)
+    for part_feats, part in _chunks(feats, prompts, batch_size):
+        inputs, mask = llm_generate_inputs(model, part_feats, part)
         seqs = model.llm.generate(inputs_embeds=inputs, attention_mask=mask, **gen)
         out.extend(row.tolist() for row in seqs)
     return out
 
 
+# ------------------------------------------------------------------------------------------------
+# Streaming
+# ------------------------------------------------------------------------------------------------
 def stream_text(decode, id_chunks: Iterator[list[int]]) -> Iterator[str]:
     """Turn growing id lists into text deltas whose concatenation is `decode(all ids).strip()`.
 
@@ -297,33 +343,61 @@ def stream_text(decode, id_chunks: Iterator[list[int]]) -> Iterator[str]:
         raise RuntimeError("streamed text diverged from the final decoding")
 
 
-def generate_stream(model: Any, image: Any, prompt: str, num_beams: int = 1, **kwargs: Any) -> Iterator[str]:
-    """Yield text pieces as the model produces them; `"".join(...)` equals `generate(...)[0]`
-    with the same settings. Beam search cannot stream (its best beam is only known at the end)."""
-    if num_beams != 1:
-        raise ValueError("streaming works with num_beams=1 (greedy or sampling)")
-    unknown = set(kwargs) - {"max_length", "min_length", "max_new_tokens", "min_new_tokens", "repetition_penalty",
-                             "do_sample", "top_p", "top_k", "temperature", "seed", "length_penalty"}
-    if unknown:
-        raise TypeError(f"generate_stream got unsupported arguments {sorted(unknown)}")
-    kwargs.pop("length_penalty", None)  # no effect without beams
-    seed = kwargs.pop("seed", None)
-    proc = model.require_processor()
-    feats = features_for(model, image, 1)
-    if seed is not None:
-        torch.manual_seed(seed)
-    settings = sampling_settings(model, **kwargs)
+def stream_options(options: GenerationOptions) -> GenerationOptions:
+    """The options streaming decodes with: one beam and one answer (a beam search's best beam is only
+    known at the end), greedy or sampling as `options` say."""
+    return options.replace(num_beams=1, num_return_sequences=1)
+
+
+def streaming_note(options: GenerationOptions) -> str | None:
+    """None when streaming decodes what `generate` would with `options`; else why it cannot."""
+    if options.num_beams == 1 and options.num_return_sequences == 1:
+        return None
+    how = "greedy search" if stream_options(options).greedy else "sampling"
+    if options.num_beams > 1:
+        asked = "beam sampling" if not options.greedy else "beam search"
+        return (f"a beam search cannot stream (its best answer is known only at the end): streaming decodes one "
+                f"answer with 1 beam ({how}), not {asked} with num_beams={options.num_beams}")
+    return (f"streaming decodes one answer ({how}), not num_return_sequences={options.num_return_sequences}")
+
+
+def generate_stream(model: Any, image: Any, prompt: str, options: GenerationOptions | None = None,
+                    **overrides: Any) -> Iterator[str]:
+    """Yield text pieces as the model produces them; `"".join(...)` equals `generate(...)[0]` with
+    `stream_options` of the same options. `image=None`: a text-only post. Streaming decodes one beam
+    (greedy, or sampling with `do_sample`); asking for `num_beams > 1` here (or in `options`) is a
+    ValueError saying why (`streaming_note`), while beams from the model's defaults become one. Options are checked
+    when this is called, before the first piece is asked for."""
+    resolved = resolve_options(model, options, **overrides)
+    asked = options is not None or "num_beams" in overrides or "num_return_sequences" in overrides
+    note = streaming_note(resolved) if asked else None  # beams from the model's defaults become one
+    if note:
+        raise ValueError(f"{note}; use num_beams=1")
+    prompts = _as_list(prompt)
+    if len(prompts) != 1:
+        raise ValueError("generate_stream answers one prompt")
+    opts, feats = _prepare(model, image, prompts, stream_options(resolved), {})
+    return _stream(model, feats, prompts, opts)
+
+
+def _stream(model: Any, feats: ImageFeatures | None, prompts: list[str], opts: GenerationOptions) -> Iterator[str]:
+    if opts.seed is not None:
+        torch.manual_seed(opts.seed)
+    decode = model.require_processor().llm_tokenizer.decode
     with torch.inference_mode():
-        inputs, mask = llm_generate_inputs(model, feats, [prompt])
-        steps = LlamaDecoder(model.llm).decode(inputs, mask, settings)
-        yield from stream_text(proc.llm_tokenizer.decode, ([int(t[0])] for t in steps))
+        inputs, mask = llm_generate_inputs(model, feats, prompts)
+        steps = LlamaDecoder(model.llm).decode(inputs, mask, sampling_settings(model, opts))
+        yield from stream_text(decode, ([int(t[0])] for t in steps))
 
 
+# ------------------------------------------------------------------------------------------------
+# Ranking
+# ------------------------------------------------------------------------------------------------
 @torch.inference_mode()
 def rank(model: Any, image: Any, prompt: str, candidates: Sequence[str], normalize: bool = False,
          batch_size: int = 32) -> list[tuple[str, float]]:
     """Score each candidate answer by its log-likelihood after the prompt (LAVIS `predict_class`)
-    and return `(candidate, score)` sorted best first.
+    and return `(candidate, score)` sorted best first. `image=None`: a text-only post.
 
     LAVIS ranks by the LM loss averaged over the padded length of a candidate batch, i.e. by the
     *sum* of the candidate tokens' log-probabilities (`normalize=False`, the default); with
@@ -332,12 +406,9 @@ def rank(model: Any, image: Any, prompt: str, candidates: Sequence[str], normali
     candidates = list(candidates)
     if not candidates:
         raise ValueError("no candidates to rank")
-    proc = model.require_processor()
-    tok = proc.llm_tokenizer
-    feats = features_for(model, image, 1)
+    tok = model.require_processor().llm_tokenizer
+    queries, _ = soft_prompt(model, features_for(model, image, 1), [prompt])  # [1, Q, D]: shared
     prompt_ids = tok.encode(prompt)
-    q_ids, q_mask = proc.qformer_text([prompt])
-    queries = model.query_embeds(feats.embeds, q_ids, q_mask, image_index=feats.index)  # [1, Q, D]: shared
     scores: list[float] = []
     for s in range(0, len(candidates), batch_size):
         part = candidates[s:s + batch_size]

@@ -69,8 +69,9 @@ class GenerationOptions:
     # -- model folders --------------------------------------------------------------------------
     @classmethod
     def load(cls, folder: str | Path) -> "GenerationOptions":
-        """The defaults stored in `folder/generation_config.json` (LAVIS's when the file is absent).
-        Keys that are not decoding options (token ids, notes) are ignored."""
+        """The defaults stored in `folder/generation_config.json` (LAVIS's when the file is absent),
+        validated (an error names the file). Keys that are not decoding options (token ids, notes)
+        are ignored."""
         path = Path(folder) / GENERATION_CONFIG
         if not path.is_file():
             return cls()
@@ -80,7 +81,11 @@ class GenerationOptions:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object")
-        return cls.from_dict(data, source=str(path), ignore_unknown=True)
+        options = cls.from_dict(data, source=str(path), ignore_unknown=True)
+        try:
+            return options.validate()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_generation_config(self, eos_id: int, pad_id: int, bos_id: int) -> dict[str, Any]:
         """What a model folder's `generation_config.json` holds: these options plus LAVIS's ids."""

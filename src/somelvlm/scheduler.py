@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .decoding import Flight, LlamaDecoder, supports
-from .generation import ImageFeatures, llm_generate_inputs, sampling_settings
+from .generation import ImageFeatures, check_lengths, llm_generate_inputs, sampling_settings
 from .options import GenerationOptions
 
 
@@ -52,12 +52,12 @@ def _flight_options(o: GenerationOptions) -> tuple | None:
 
 
 def _inputs(model: Any, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
-    if request.image is None:  # text only: the LLM alone on LAVIS's tokenization
-        ids, mask = model.require_processor().prompts([request.prompt], side="left")
-        embed = model.llm.get_input_embeddings()
-        return embed(ids.to(embed.weight.device)), mask
-    if len(request.image) != 1:
+    """The request's LLM inputs exactly as `generate(image, [prompt])` builds them (text only: the
+    LLM alone on LAVIS's tokenization, no soft prompt)."""
+    if request.image is not None and len(request.image) != 1:
         raise ValueError(f"request {request.key!r}: expected one image row, got {len(request.image)}")
+    with_image = request.image is not None and bool(request.image.has_image().all())
+    check_lengths(model, request.options, [request.prompt], [with_image])
     return llm_generate_inputs(model, request.image, [request.prompt])
 
 
@@ -81,16 +81,15 @@ def answer_stream(model: Any, requests: Iterable[Request], max_batch: int = 8) -
             if req is None:
                 exhausted = True
                 break
-            req.options.validate()
+            req.options.validate()  # before any work; the prompt length is checked by `_inputs`
             fkey = _flight_options(req.options) if decoder is not None else None
             if fkey is None:
-                yield req.key, model.generate(req.image, [req.prompt], **req.options.to_dict())
+                yield req.key, model.generate(req.image, [req.prompt], options=req.options)
                 continue
             if fkey not in flights:
                 o = req.options
-                settings = sampling_settings(model, o.max_length, o.min_length, o.max_new_tokens, o.min_new_tokens,
-                                             o.repetition_penalty)
-                flights[fkey] = Flight(decoder, settings, o.num_beams, o.length_penalty, o.num_return_sequences)
+                flights[fkey] = Flight(decoder, sampling_settings(model, o), o.num_beams, o.length_penalty,
+                                       o.num_return_sequences)
             inputs, mask = _inputs(model, req)
             uid = next(counter)
             keys[uid] = req.key

@@ -10,17 +10,18 @@ Library use: `train(FinetuneConfig(...))`, `train(FinetuneConfig.for_resume(run)
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import fields
 from typing import Sequence
 
 from .data import (Batch, Collator, EpochBatchSampler, InstructionDataset, Problems, Sample, read_samples,
                    train_dataset)
 from .lora import DEFAULT_TARGETS, add_lora, merge_lora
-from .trainer import FinetuneConfig, build_model, lr_at, param_groups, token_nll, train
+from ..console import run_command, setup_logging
+from .checkpoint import Diverged
+from .trainer import FinetuneConfig, build_model, frozen_dtype, lr_at, mixed_precision, param_groups, token_nll, train
 
-__all__ = ["add_parser", "run", "main", "train", "FinetuneConfig", "build_model", "param_groups",
-           "lr_at", "token_nll", "read_samples", "Sample", "Problems", "InstructionDataset", "train_dataset",
+__all__ = ["add_parser", "run", "main", "train", "FinetuneConfig", "Diverged", "build_model", "mixed_precision",
+           "frozen_dtype", "param_groups", "lr_at", "token_nll", "read_samples", "Sample", "Problems", "InstructionDataset", "train_dataset",
            "Collator", "Batch", "EpochBatchSampler", "add_lora", "merge_lora", "DEFAULT_TARGETS"]
 
 
@@ -30,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     for f in fields(FinetuneConfig):
         kwargs = dict(f.metadata["argparse"])
         default = f.default_factory() if callable(f.default_factory) else f.default
-        shown = "" if default in (None, False, []) else f" (default: {default})"
+        shown = "" if default is None or default is False or default == [] else f" (default: {default})"
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
                             help=f.metadata["help"] + shown, **kwargs)
     return parser
@@ -60,14 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m somelvlm.train` / `accelerate launch -m somelvlm.train`."""
-    import logging
-
     parser = configure(argparse.ArgumentParser(prog="somelvlm.train", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    try:
-        return run(args)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    setup_logging()
+    return run_command(run, args, parser.prog)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 from dataclasses import asdict, dataclass
 from itertools import chain
@@ -34,9 +36,37 @@ class TrainState:
     batch: int = 0
 
 
-def checkpoints(run: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first."""
-    return sorted((run / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+class Diverged(ValueError):
+    """Training produced a non-finite loss, learning rate or weights: the run stops without `final/`."""
+
+    def __init__(self, step: int, problem: str, detail: str = "") -> None:
+        self.step, self.problem = step, problem
+        super().__init__(f"training diverged at step {step}: {problem}" + (f"; {detail}" if detail else ""))
+
+
+STEP_FOLDER = re.compile(r"step-(\d+)")
+CHECKPOINT_FILES = ("state.json", "trainable.safetensors")
+
+
+def checkpoints(run: Path, warn: bool = False) -> list[Path]:
+    """The run's complete `checkpoints/step-N` folders, oldest first. Anything else there (a copy, a
+    `step-N` without its files) is left alone, with a warning when `warn`."""
+    found = []
+    for p in (run / "checkpoints").glob("step-*"):
+        m = STEP_FOLDER.fullmatch(p.name)
+        if m and p.is_dir() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+            found.append((int(m.group(1)), p))
+        elif warn:
+            why = "not a complete checkpoint" if m else "not a checkpoint folder name (step-N)"
+            log.warning("ignoring %s: %s", p, why)
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(accelerator: Any, run: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0: keep all); main process only."""
+    if accelerator.is_main_process and keep > 0:
+        for old in checkpoints(run)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,8 +111,11 @@ def _sharded(accelerator: Any) -> bool:
 
 
 def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any, state: TrainState,
-                    run: Path, trainable: list[str], problems: Problems, keep: int) -> None:
-    """Write `RUN/checkpoints/step-N` atomically (a temporary folder renamed when complete)."""
+                    run: Path, trainable: list[str], problems: Problems) -> Path:
+    """Write `RUN/checkpoints/step-N` atomically (a temporary folder renamed when complete) and return it.
+
+    Raises `Diverged` (on every process) instead when a trainable weight is not finite. Older
+    checkpoints are left in place (see `prune_checkpoints`)."""
     from accelerate.utils import gather_object
     from safetensors.torch import save_file
 
@@ -90,6 +123,9 @@ def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, schedule
     rngs = gather_object([rng_state()])
     skipped = gather_object([problems.items])
     prints = gather_object([fingerprint(accelerator.unwrap_model(model))])
+    bad = [x for f in prints for x in f if not math.isfinite(x)]
+    if bad:
+        raise Diverged(state.step, f"a trainable weight is not finite (their sum is {bad[0]})")
     folder = run / "checkpoints" / f"step-{state.step:08d}"
     tmp_shared = run / "checkpoints" / f".step-{state.step:08d}.accelerate"
     if _sharded(accelerator):  # optimizer shards are written by every process, as accelerate does it
@@ -109,9 +145,8 @@ def save_checkpoint(accelerator: Any, model: nn.Module, optimizer: Any, schedule
                                             "fingerprints": prints, "skipped_at_runtime": merged})
         if not _sharded(accelerator) and any(f != prints[0] for f in prints):
             log.warning("the processes hold different trainable weights at step %d: %s", state.step, prints)
-        for old in checkpoints(run)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    return folder
 
 
 def load_trainable(model: nn.Module, folder: Path) -> None:

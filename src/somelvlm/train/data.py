@@ -161,6 +161,14 @@ class Batch:
         return self.input_ids.shape[0]
 
 
+class NoReadableImage(ValueError):
+    """No sample of a dataset has a readable image. Its text stays the one line raised, also when a
+    DataLoader worker re-raises it in the main process with the worker's traceback as the message."""
+
+    def __str__(self) -> str:
+        return super().__str__().strip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+
+
 class InstructionDataset(Dataset):
     """Samples -> `Example`s. Indexed by `(epoch, i)`: the image augmentation of sample `i` in `epoch`
     is seeded from `(seed, epoch, i)`, so it does not depend on workers, processes or resuming."""
@@ -188,7 +196,8 @@ class InstructionDataset(Dataset):
                 skipped.append((s.where, str(e)))
                 continue
             return Example(pixels, s.prompt, s.answer, skipped)
-        raise RuntimeError(f"none of the {len(self.samples)} samples has a readable image")
+        raise NoReadableImage(f"none of the {len(self.samples)} samples has a readable image "
+                              f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
 
     def _image(self, path: Path, epoch: int, i: int) -> torch.Tensor:
         if not self.random_transform:

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from itertools import chain
@@ -32,19 +33,33 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from ..folder import atomic_folder
 from ..loading import parse_dtype
 from ..lavis import lavis_state_dict
 from ..model import SoMeLVLM
 from ..processing import IGNORE_INDEX
-from .checkpoint import (TrainState, _sharded, checkpoints, load_checkpoint, load_trainable, save_checkpoint,
-                         set_rng_state, write_text_atomic)
-from .data import Batch, Collator, EpochBatchSampler, Problems, ShardSampler, eval_dataset, read_all, train_dataset
+from .checkpoint import (Diverged, TrainState, _sharded, checkpoints, load_checkpoint, load_trainable,
+                         prune_checkpoints, save_checkpoint, set_rng_state, write_text_atomic)
+from .data import Batch, Collator, EpochBatchSampler, Key, Problems, ShardSampler, eval_dataset, read_all, train_dataset
 from .lora import DEFAULT_TARGETS, add_lora, has_lora, merge_lora, save_adapter
 
 log = logging.getLogger("somelvlm")
+
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_workers(processes_here: int = 1) -> int:
+    """Data loader workers per training process: the CPU cores this process may use, shared by the
+    training processes on this machine, at most 4 (more than the cores makes torch warn)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return min(4, cores // max(processes_here, 1))
 
 
 def _opt(default: Any, help: str, **argparse: Any) -> Any:
@@ -94,18 +109,29 @@ class FinetuneConfig:
     qformer_dropout: float | None = _opt(None, "override the Q-Former dropout (default: the model's, 0.1)",
                                          type=float)
     # numerics, memory, speed
-    dtype: str = _opt("auto", "dtype of the frozen parts: bf16 | fp16 | fp32 | auto (bf16 on GPU, fp16 "
-                              "without bf16 support, fp32 on CPU); trainable parameters are always fp32",
-                      choices=("auto", "bf16", "fp16", "fp32"))
+    mixed_precision: str | None = _opt(None, "autocast of the forward and backward pass: no | bf16 | fp16 "
+                                             "(default: bf16 on a GPU, fp16 on a GPU without bf16, no on the CPU)",
+                                       choices=MIXED_PRECISION)
+    dtype: str | None = _opt(None, "dtype the frozen parts are stored in: fp32 | bf16 | fp16 (default: the "
+                                   "--mixed-precision dtype, fp32 with no); trainable parameters are always fp32",
+                             choices=("fp32", "bf16", "fp16"))
     grad_checkpointing: bool = _opt(False, "gradient checkpointing in the ViT and the LLM", action="store_true")
     cpu: bool = _opt(False, "run on the CPU even when a GPU is present", action="store_true")
-    num_workers: int = _opt(4, "data loader worker processes per training process", type=int)
+    num_workers: int | None = _opt(None, "data loader worker processes per training process (default: this "
+                                         "machine's CPU cores / its training processes, at most 4; "
+                                         f"{default_workers()} for one process here)", type=int)
+    no_progress: bool = _opt(False, "no progress bar; print one plain line per logged step instead",
+                             action="store_true")
     # outputs
     save_every: int = _opt(1000, "checkpoint every N optimizer steps (and always at the end)", type=int)
     keep_checkpoints: int = _opt(2, "keep the newest N checkpoints (0: keep all)", type=int)
     log_every: int = _opt(10, "log every N optimizer steps", type=int)
     lavis_checkpoint: bool = _opt(False, "also write final/checkpoint.pth in LAVIS's format",
                                   action="store_true")
+
+    def __post_init__(self) -> None:
+        if self.dtype == "auto":  # runs saved before --mixed-precision existed: "auto" is the default now
+            self.dtype = None
 
     def check(self) -> "FinetuneConfig":
         """Clear errors for settings that cannot work; returns self."""
@@ -123,8 +149,18 @@ class FinetuneConfig:
         for name in ("max_steps", "epochs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.lr <= 0:
+        for name in ("lr", "min_lr", "warmup_lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, not {value}")
+        if self.lr == 0:
             raise ValueError("--lr must be > 0")
+        for name in ("warmup_steps", "keep_checkpoints", "num_workers"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
+        for name in ("qformer_dropout", "lora_dropout"):
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1)")
         return self
 
     @classmethod
@@ -157,15 +193,12 @@ class FinetuneConfig:
 def build_model(cfg: FinetuneConfig, on_gpu: bool = False) -> SoMeLVLM:
     """Load `cfg.model` and apply the training policy (freezing, LoRA, dropout, checkpointing).
 
-    Frozen parts get `cfg.dtype`; every trainable parameter is fp32.
+    Frozen parts get `frozen_dtype(cfg, on_gpu)`; every trainable parameter is fp32.
     """
-    dtype = parse_dtype(None if cfg.dtype == "auto" else cfg.dtype)
-    if cfg.dtype == "auto" and on_gpu:
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = frozen_dtype(cfg, on_gpu)
     if cfg.model == "tiny":
         model = SoMeLVLM.from_config("tiny")
-        if dtype is not None:
-            model.to_dtype(dtype)
+        model.to_dtype(dtype)
     else:
         model = SoMeLVLM.from_pretrained(cfg.model, dtype=dtype)
     if model.processor is None:
@@ -183,6 +216,20 @@ def build_model(cfg: FinetuneConfig, on_gpu: bool = False) -> SoMeLVLM:
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(vision=True, qformer=False, llm=True)
     return model
+
+
+def mixed_precision(cfg: FinetuneConfig, on_gpu: bool) -> str:
+    """`cfg.mixed_precision`, or its default: bf16 on a GPU (fp16 where bf16 is missing, e.g. V100), no on the CPU."""
+    if cfg.mixed_precision is not None:
+        return cfg.mixed_precision
+    if not on_gpu:
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def frozen_dtype(cfg: FinetuneConfig, on_gpu: bool) -> torch.dtype:
+    """`cfg.dtype`, or its default: the mixed-precision dtype (fp32 without mixed precision)."""
+    return parse_dtype(cfg.dtype) if cfg.dtype is not None else PRECISION_DTYPES[mixed_precision(cfg, on_gpu)]
 
 
 def set_qformer_dropout(model: SoMeLVLM, p: float) -> None:
@@ -267,20 +314,35 @@ def export_final(accelerator: Any, model: nn.Module, cfg: FinetuneConfig, run: P
 # ------------------------------------------------------------------------------------------------
 # Data iteration and evaluation
 # ------------------------------------------------------------------------------------------------
+class RunBatchSampler(Sampler[list[Key]]):
+    """`EpochBatchSampler`s of every epoch from `(epoch, first)` on, without end: one loader, and so
+    one set of worker processes, serves the whole run (a loader per epoch restarts its workers
+    every epoch, which dominates on small data sets)."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, first: int,
+                 num_processes: int, rank: int) -> None:
+        self.args = (num_samples, batch_size, seed)
+        self.epoch, self.first, self.num_processes, self.rank = epoch, first, num_processes, rank
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch, first = self.epoch, self.first
+        while True:
+            yield from EpochBatchSampler(*self.args, epoch, first, self.num_processes, self.rank)
+            epoch, first = epoch + 1, 0
+
+
 def micro_batches(dataset: Any, collate: Collator, cfg: FinetuneConfig, accelerator: Any,
-                  start: TrainState) -> Iterator[tuple[int, int, Batch]]:
+                  start: TrainState, workers: int) -> Iterator[tuple[int, int, Batch]]:
     """Endless `(epoch, next batch index, batch)` from the position `start`, epoch after epoch."""
-    epoch, first = start.epoch, start.batch
-    while True:
-        sampler = EpochBatchSampler(len(dataset), cfg.batch_size, cfg.seed, epoch, first,
-                                    accelerator.num_processes, accelerator.process_index)
-        # an own generator: creating a loader must not draw from the global RNG (dropout's)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch),
-                            pin_memory=accelerator.device.type == "cuda")
-        for b, batch in enumerate(loader, first + 1):
-            yield epoch, b, batch
-        epoch, first = epoch + 1, 0
+    per_epoch = EpochBatchSampler.batches_per_epoch(len(dataset), cfg.batch_size, accelerator.num_processes)
+    sampler = RunBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start.epoch, start.batch,
+                              accelerator.num_processes, accelerator.process_index)
+    # an own generator: creating a loader must not draw from the global RNG (dropout's)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                        generator=torch.Generator().manual_seed(cfg.seed + start.epoch),
+                        pin_memory=accelerator.device.type == "cuda")
+    for done, batch in enumerate(loader, start.epoch * per_epoch + start.batch):  # batches before this one
+        yield done // per_epoch, done % per_epoch + 1, batch
 
 
 @torch.no_grad()
@@ -313,6 +375,15 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    return value
+
+
 class RunLog:
     """`log.jsonl` (+ TensorBoard when installed), main process only."""
 
@@ -336,7 +407,7 @@ class RunLog:
         if not self.enabled:
             return
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in record.items():
                 values = v if isinstance(v, dict) else {"": v}
@@ -357,42 +428,72 @@ def _make_accelerator(cfg: FinetuneConfig) -> Any:
     from accelerate.utils import parse_flag_from_env
 
     on_gpu = torch.cuda.is_available() and not (cfg.cpu or parse_flag_from_env("ACCELERATE_USE_CPU"))
-    # bf16 autocast on GPU (fp16 with loss scaling where bf16 is missing, e.g. V100), none on CPU
-    precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if on_gpu else "no"
+    precision = mixed_precision(cfg, on_gpu)
+    if precision == "fp16" and not on_gpu:
+        raise ValueError("--mixed-precision fp16 needs a GPU (loss scaling); on the CPU use bf16 or no")
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=precision, gradient_accumulation_steps=cfg.grad_accum)
     if accelerator.state.deepspeed_plugin is not None:  # no prepared data loader tells it the batch size
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     return accelerator
 
 
-def _prepare_run_folder(cfg: FinetuneConfig) -> tuple[Path, Path | None]:
+def _prepare_run_folder(cfg: FinetuneConfig, main: bool) -> tuple[Path, Path | None, bool]:
+    """The run folder, the checkpoint to resume from, and whether the folder holds an earlier attempt
+    (whose log is then cut back to the checkpoint). A run that stopped before its first checkpoint
+    (every sample bad, diverged early, killed) starts again, with `--resume` or the same `--out`."""
     run = Path(cfg.out)
-    if cfg.resume:
-        found = checkpoints(run)
-        if not (run / "args.json").is_file():
-            raise FileNotFoundError(f"{run} is not a run folder (no args.json)")
-        if not found:
-            raise FileNotFoundError(f"{run} has no checkpoint to resume from (checkpoints/step-*)")
-        return run, found[-1]
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
-        if (run / "args.json").is_file():
-            raise FileExistsError(f"{run} is an existing run: continue it with --resume {run} or pick another --out")
-        raise FileExistsError(f"{run} exists and is not empty; pick another --out")
     for f in cfg.train + cfg.eval:
         if not Path(f).is_file():
             raise FileNotFoundError(f"annotation file not found: {f}")
-    return run, None
+    is_run = (run / "args.json").is_file()
+    found = checkpoints(run, warn=main) if is_run else []
+    if cfg.resume:
+        if not is_run:
+            raise FileNotFoundError(f"{run} is not a run folder (no args.json)")
+        if not found and (run / "final").exists():
+            raise FileNotFoundError(f"{run} has a final/ model but no checkpoint to resume from (checkpoints/step-N)")
+        if not found and main:
+            log.warning("%s has no checkpoint yet: starting it from step 0", run)
+        return run, found[-1] if found else None, True
+    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+        if is_run and not found and not (run / "final").exists():
+            if main:
+                log.warning("%s stopped before its first checkpoint: starting it again", run)
+            return run, None, True
+        if is_run:
+            raise FileExistsError(f"{run} is an existing run: continue it with --resume {run} or pick another --out")
+        raise FileExistsError(f"{run} exists and is not empty; pick another --out")
+    return run, None, False
+
+
+def _set_aside(run: Path, unchecked: Path | None) -> str:
+    """After a divergence: move the checkpoint written just before it (its weights gave the
+    non-finite loss) to `RUN/diverged/`; say what is left to continue from."""
+    moved = ""
+    if unchecked is not None and unchecked.is_dir():
+        target = run / "diverged" / unchecked.name
+        shutil.rmtree(target, ignore_errors=True)
+        target.parent.mkdir(exist_ok=True)
+        os.replace(unchecked, target)
+        moved = f"{unchecked.name}, whose weights gave it, moved to {target.parent}; "
+    good = checkpoints(run)
+    if good:
+        return f"{moved}last good checkpoint {good[-1]}: continue with --resume {run} and a lower --lr"
+    return f"{moved}no good checkpoint: rerun with the same --out (it starts again) and a lower --lr"
 
 
 def train(cfg: FinetuneConfig) -> Path:
-    """Fine-tune as configured (see the module doc for the run folder); returns the run folder."""
+    """Fine-tune as configured (see the module doc for the run folder); returns the run folder.
+
+    Raises `Diverged` (a ValueError) when the loss, the learning rate or the weights stop being
+    finite: the run keeps its last good checkpoint and gets no `final/`."""
     from accelerate.utils import gather_object, set_seed
     from tqdm.auto import tqdm
 
     cfg.check()
     accelerator = _make_accelerator(cfg)
     main = accelerator.is_main_process
-    run, ckpt = _prepare_run_folder(cfg)
+    run, ckpt, reused = _prepare_run_folder(cfg, main)
     accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes to it
     P = accelerator.num_processes
 
@@ -416,6 +517,9 @@ def train(cfg: FinetuneConfig) -> Path:
         raise ValueError(f"{len(dataset)} usable samples are fewer than one global batch "
                          f"({cfg.batch_size} x {P} processes)")
     total = cfg.max_steps or max(1, (cfg.epochs or 1) * per_epoch // cfg.grad_accum)
+    workers = cfg.num_workers
+    if workers is None:
+        workers = default_workers(int(os.environ.get("LOCAL_WORLD_SIZE", P)))
 
     trainable = [n for n, _ in model.trainable_parameters()]
     if ckpt is not None:
@@ -436,7 +540,7 @@ def train(cfg: FinetuneConfig) -> Path:
     if main:
         run.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run / "args.json", json.dumps({**asdict(cfg), "resume": None}, indent=2) + "\n")
-    logger = RunLog(run, main, state.step if ckpt is not None else None)
+    logger = RunLog(run, main, state.step if reused else None)
 
     net = accelerator.unwrap_model(model)
     n_train = sum(p.numel() for _, p in net.trainable_parameters())
@@ -448,62 +552,92 @@ def train(cfg: FinetuneConfig) -> Path:
         set_rng_state(rng)
     else:
         set_seed(cfg.seed + accelerator.process_index)
-    batches = micro_batches(dataset, collate, cfg, accelerator, state)
-    bar = tqdm(total=total, initial=state.step, disable=not main, desc="finetune", dynamic_ncols=True)
+    batches = micro_batches(dataset, collate, cfg, accelerator, state, workers)
+    bar = tqdm(total=total, initial=state.step, disable=not main or cfg.no_progress, desc="finetune",
+               dynamic_ncols=True)
     win_loss, win_n, win_samples, t0 = torch.zeros((), device=accelerator.device), 0, 0, time.perf_counter()
-    while state.step < total:
-        for _ in range(cfg.grad_accum):
-            epoch, next_batch, batch = next(batches)
-            for where, why in batch.skipped:
-                problems.add(where, why)
-            with accelerator.accumulate(model):
-                loss = model(**batch.inputs(accelerator.device), return_logits=False).loss
-                accelerator.backward(loss)
-            win_loss += loss.detach().float()
-            win_n += 1
-            win_samples += len(batch) * P
-        state.step += 1
-        state.epoch, state.batch = epoch, next_batch
-        logging_step = state.step % cfg.log_every == 0 or state.step == total
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-        elif logging_step:
-            grad_norm = total_norm([p.grad for p in net.parameters() if p.grad is not None])
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
+    curve: list[tuple[int, float]] = []  # (step, loss) of the first and the latest logged step
+    unchecked = None  # the newest checkpoint until the next step's loss shows its weights are fine
+    try:
+        while state.step < total:
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(cfg.grad_accum):
+                epoch, next_batch, batch = next(batches)
+                for where, why in batch.skipped:
+                    problems.add(where, why)
+                with accelerator.accumulate(model):
+                    loss = model(**batch.inputs(accelerator.device), return_logits=False).loss
+                    accelerator.backward(loss)
+                step_loss += loss.detach().float()
+                win_n += 1
+                win_samples += len(batch) * P
+            win_loss += step_loss
+            state.step += 1
+            state.epoch, state.batch = epoch, next_batch
+            lr = optimizer.param_groups[0]["lr"]
+            step_mean = accelerator.reduce(step_loss / cfg.grad_accum, "mean").item()  # equal on every process
+            check_finite(state.step, "the loss", step_mean, f" (lr {lr:.3g})")
+            if unchecked is not None:  # the weights of the newest checkpoint gave a finite loss
+                prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
+                unchecked = None
+            check_finite(state.step, "the learning rate", lr)
+            logging_step = state.step % cfg.log_every == 0 or state.step == total
+            grad_norm = None
+            if cfg.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+            elif logging_step:
+                grad_norm = total_norm([p.grad for p in net.parameters() if p.grad is not None])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
 
-        if logging_step:
-            mean_loss = accelerator.reduce(win_loss / win_n, "mean").item()
-            rate = win_samples / (time.perf_counter() - t0)
-            record = {"step": state.step, "epoch": state.epoch + state.batch / per_epoch, "loss": mean_loss,
-                      "lr": lr, "samples_per_s": rate,
-                      "grad_norm": None if grad_norm is None else float(grad_norm)}
-            logger.write(record)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
-            win_loss, win_n, win_samples, t0 = torch.zeros_like(win_loss), 0, 0, time.perf_counter()
-        if state.step % cfg.save_every == 0 or state.step == total:
-            save_checkpoint(accelerator, model, optimizer, scheduler, state, run, trainable, problems,
-                            cfg.keep_checkpoints)
-            if eval_sets:
-                losses = {name: evaluate(accelerator, model, ds, collate, cfg.batch_size)
-                          for name, ds in eval_sets.items()}
-                logger.write({"step": state.step, "eval_loss": losses})
-                accelerator.print(f"step {state.step}: eval loss " +
-                                  ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-                model.train()
-                net.train()
-            t0 = time.perf_counter()
-    bar.close()
-    logger.close()
+            if logging_step:
+                mean_loss = accelerator.reduce(win_loss / win_n, "mean").item()
+                rate = win_samples / (time.perf_counter() - t0)
+                record = {"step": state.step, "epoch": state.epoch + state.batch / per_epoch, "loss": mean_loss,
+                          "lr": lr, "samples_per_s": rate,
+                          "grad_norm": None if grad_norm is None else float(grad_norm)}
+                logger.write(record)
+                curve[1:] = [(state.step, mean_loss)]
+                bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
+                if cfg.no_progress:
+                    accelerator.print(f"step {state.step}/{total}: loss {mean_loss:.4f}, lr {lr:.3g}, "
+                                      f"{rate:.1f} samples/s", flush=True)
+                win_loss, win_n, win_samples, t0 = torch.zeros_like(win_loss), 0, 0, time.perf_counter()
+            if state.step % cfg.save_every == 0 or state.step == total:
+                unchecked = save_checkpoint(accelerator, model, optimizer, scheduler, state, run, trainable,
+                                            problems)
+                if eval_sets:
+                    losses = {name: evaluate(accelerator, model, ds, collate, cfg.batch_size)
+                              for name, ds in eval_sets.items()}
+                    logger.write({"step": state.step, "eval_loss": losses})
+                    accelerator.print(f"step {state.step}: eval loss " +
+                                      ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+                    model.train()
+                    net.train()
+                t0 = time.perf_counter()
+    except Diverged as e:
+        logger.write({"step": e.step, "diverged": e.problem})
+        raise Diverged(e.step, e.problem, "no final/ written" + ("; " + _set_aside(run, unchecked) if main else "")) \
+            from None
+    finally:
+        batches.close()  # stops the loader's worker processes now, also on an error
+        bar.close()
+        logger.close()
+    prune_checkpoints(accelerator, run, cfg.keep_checkpoints)
 
     export_final(accelerator, model, cfg, run)
     merged = dict(chain.from_iterable(d.items() for d in gather_object([problems.items])))
     if main:
         write_text_atomic(run / "skipped.txt", "".join(f"{w}: {why}\n" for w, why in merged.items()))
-    accelerator.print(f"done: {run / 'final'}; {len(merged)} sample(s) skipped"
+    trend = " -> ".join(f"{loss:.4f} (step {step})" for step, loss in curve)
+    accelerator.print(f"done: {run / 'final'}; loss {trend}; {len(merged)} sample(s) skipped"
                       + (f" (listed in {run / 'skipped.txt'})" if merged else ""))
     return run
+
+
+def check_finite(step: int, what: str, value: float, note: str = "") -> None:
+    """Raise `Diverged` when `value` (`what` at `step`, before its update) is not finite."""
+    if not math.isfinite(value):
+        raise Diverged(step, f"{what} is {value}{note}")
