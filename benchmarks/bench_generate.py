@@ -115,10 +115,9 @@ def tasks_worker(args: argparse.Namespace, ours, pixels) -> dict:
             answers.extend(got[i][0] for i in range(len(prompts)))
 
     seconds = measure(run, args)
-    lengths = [len(ours.processor.llm_tokenizer.encode(a, bos=False)) for a in answers]
+    empty = sum(not a for a in answers)  # answers that ended at once (eos first)
     return {"seconds": seconds, "peak_bytes": peak_memory_bytes(args.device), "prompts": len(prompts),
-            "answers": answers, "mean_len": sum(lengths) / len(lengths), "min_len": min(lengths),
-            "max_len": max(lengths)}
+            "answers": answers, "empty": empty}
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -203,8 +202,8 @@ def tasks_suite(args, call) -> tuple[str, list[str], list[list]]:
         rows.append([impl, f"{r['seconds']:.1f}", f"{r['prompts'] / r['seconds']:.2f}",
                      f"{res['static']['seconds'] / r['seconds']:.2f}x"])
     r = res["static"]
-    title = (f"{r['prompts']} tasks, greedy, batch {args.batch_size}, answer lengths {r['min_len']}-{r['max_len']} "
-             f"tokens (mean {r['mean_len']:.1f}); identical answers: {same}/{r['prompts']}")
+    title = (f"{r['prompts']} tasks, greedy, batch {args.batch_size}, at most {args.tokens} new tokens, "
+             f"{r['empty']} answers empty (eos first); identical answers: {same}/{r['prompts']}")
     return title, ["batching", "time (s)", "rows/s", "rows/s vs static"], rows
 
 
