@@ -19,11 +19,13 @@ from typing import Any, Callable, Sequence
 from . import __version__, hub, train
 from .config import SoMeLVLMConfig
 from .devices import resolve_device
+from .engines import cli as engines_cli
 from .generation import streaming_note
 from .console import run_command, setup_logging
 from .model import SoMeLVLM
 from .options import GenerationOptions
 from .processing import SAMPLE_IMAGE, asset_path
+from .serve import cli as serve_cli
 
 log = logging.getLogger("somelvlm")
 
@@ -212,12 +214,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true",
                    help="print the answer as it is produced; decodes one sequence (greedy, or sampling "
                         "with --do-sample): --num-beams must be 1 or left out")
-    p.add_argument("--input", type=Path, help="tasks file (JSONL or a JSON list)")
-    p.add_argument("--output", type=Path, help="answers file (JSONL; appended, resumable)")
-    p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to "
-                                                    "(default: the tasks file's folder)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engines_cli.add_arguments(p)
     add_decoding_options(p)
     p.set_defaults(func=run_generate)
 
@@ -231,9 +229,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be at least 1")
     overrides = decoding_overrides(args)
     if args.input is not None:
-        require_file(args.input, "tasks file")
-        require_file(args.images_root, "images folder")
-        return _answer_file(args, overrides)
+        return engines_cli.run(args, overrides, lambda device: load_model(
+            args if device is None else argparse.Namespace(**{**vars(args), "device": str(device)})))
     demo = args.image is None and args.prompt is None and args.model in (None, "tiny")
     if args.image is None and args.prompt is None and not demo:
         raise ValueError("--prompt is required (with --image for a post with an image), or --input/--output")
@@ -256,18 +253,6 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(model.generate(image, [prompt], **overrides)[0])
     return 0
-
-
-def _answer_file(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .batch import answer_tasks
-
-    model = load_model(args)
-    res = answer_tasks(model, args.input, args.output, images_root=args.images_root, batch_size=args.batch_size,
-                       progress=not args.no_progress, **overrides)
-    rate = res.answered / res.seconds if res.seconds else 0.0
-    print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
-          f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
-    return 0 if res.ok else 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,6 +302,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_decoding_options(p)
     p.add_argument("--generate-kwargs", type=_json_object, default={},
                    help='more decoding options as JSON, e.g. \'{"top_p": 0.9}\' (names as in --help)')
+    p.add_argument("--force", action="store_true",
+                   help="resume predictions written with another model or other decoding options")
     p.add_argument("--judge", help="MODULE:FUNCTION, a judge(prompt, prediction, reference) -> float "
                                    "averaged over generation samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -340,7 +327,8 @@ def run_eval(args: argparse.Namespace) -> int:
         report = evaluate(load_model(args), args.data, args.images_root, out.parent, mode=args.mode,
                           batch_size=args.batch_size, generate_kwargs=overrides, limit=args.limit,
                           predictions_path=args.predictions or out.with_name(f"{out.stem}.predictions.jsonl"),
-                          report_path=out, judge=judge, progress=not args.no_progress)
+                          report_path=out, judge=judge, progress=not args.no_progress, model_spec=args.model,
+                          force=args.force)
     print(f"wrote {out} and {out.with_suffix('.md')}: {_summary(report)}", file=sys.stderr)
     return 0
 
@@ -376,6 +364,37 @@ def _pct(value: float | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# serve / demo (options and work in somelvlm.serve)
+# ------------------------------------------------------------------------------------------------
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with dynamic batching", formatter_class=Formatter,
+                       description=serve_cli.SERVE_DESCRIPTION)
+    add_model_options(p)
+    serve_cli.add_serve_arguments(p)
+    p.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    serve_cli.check_serve_arguments(args)
+    serve_cli.build_server(args, load_model(args)).run()
+    return 0
+
+
+def add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="Gradio demo page (optional image, SoMeData task templates, streaming)",
+                       formatter_class=Formatter, description=serve_cli.DEMO_DESCRIPTION)
+    add_model_options(p)
+    serve_cli.add_demo_arguments(p)
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    serve_cli.check_demo_arguments(args)
+    serve_cli.launch_demo(args, load_model(args))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
@@ -387,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate(sub)
     add_eval(sub)
     train.add_parser(sub)
+    add_serve(sub)
+    add_demo(sub)
     return parser
 
 
