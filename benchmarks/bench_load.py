@@ -145,7 +145,7 @@ def main() -> None:
         res = {"convert": run_worker(Path(__file__), ["--worker", "convert", "--work", str(work)])}
         from somelvlm import SoMeLVLM
 
-        SoMeLVLM.from_pretrained(work / "ours").save_pretrained(work / "hf", format="hf", force=True)
+        SoMeLVLM.from_pretrained(work / "ours", dtype=torch.bfloat16).save_pretrained(work / "hf", format="hf", force=True)
         for task in ("ours", "hf"):
             res[task] = run_worker(Path(__file__), ["--worker", task, "--work", str(work)])
         weights = folder_bytes(work / "ours")

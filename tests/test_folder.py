@@ -215,7 +215,8 @@ def test_cli_refuses_to_overwrite_and_force_works(lavis_files, tmp_path, capsys)
     args = ["convert", "--lavis-checkpoint", str(lavis_files["checkpoint"]), "--vit", str(lavis_files["vit"]),
             "--llm", str(lavis_files["llm"]), "--out", str(out), "--config", "tiny", "--no-progress"]
     assert cli_main(args) == 1
-    assert "somelvlm convert: error: " in capsys.readouterr().err  # ... already exists; use --force
+    err = capsys.readouterr().err
+    assert "somelvlm convert: error: " in err and "already exists; use --force" in err
     assert (out / "keep.txt").exists()
     assert cli_main(args + ["--force"]) == 0
     printed = capsys.readouterr().out

@@ -99,7 +99,10 @@ def resolve_model(spec: str | Path) -> tuple[Path, str]:
             raise ValueError(f"{folder}: not a model folder somelvlm knows (no config.json with model_type "
                              "'somelvlm' or 'instructblip', and no checkpoint.pth beside a LLaMA config.json)")
         return folder, kind
-    folder = snapshot(str(spec), SMALL_FILES, "config.json")
+    try:
+        folder = snapshot(str(spec), SMALL_FILES, "config.json")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{spec} is no local folder; as a Hub id: {e}") from None
     kind = detect_format(folder, have_checkpoint=True)
     if kind is None:
         raise ValueError(f"Hub repo {spec!r}: no config.json with model_type somelvlm, instructblip or llama "

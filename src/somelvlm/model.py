@@ -23,7 +23,7 @@ from .lavis import read_lavis, save_lavis
 from .loading import Checkpoint, materialize
 from .loss import next_token_loss
 from .options import GenerationOptions
-from .precision import parse_dtype, target_dtype
+from .precision import parse_dtype, resolve_dtype, target_dtype
 from .processing import IGNORE_INDEX, SoMeLVLMProcessor
 from .qformer import QFormer
 from .vision import VisionTransformer
@@ -105,9 +105,7 @@ class SoMeLVLM(nn.Module):
         if spec in (None, "tiny"):
             log.warning("using the built-in 'tiny' model with RANDOM weights: its answers are meaningless; "
                         "pass a converted model folder for real answers")
-            model = cls.from_config("tiny")
-            if dtype is not None:
-                model.to_dtype(parse_dtype(dtype))
+            model = cls.from_config("tiny").to_dtype(resolve_dtype(dtype, device))  # the one "auto" rule
             return model.to(device) if device is not None else model
         return cls.from_pretrained(spec, dtype=dtype, device=device)
 
