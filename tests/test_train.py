@@ -21,8 +21,8 @@ from somelvlm import SoMeLVLM
 from somelvlm.processing import IGNORE_INDEX
 from somelvlm.train import trainer
 from somelvlm.train.data import Collator, EpochBatchSampler, Example, Problems, read_samples
-from somelvlm.train.trainer import (FinetuneConfig, build_model, lr_at, param_groups, token_nll,
-                                    train)
+from somelvlm.loss import next_token_nll
+from somelvlm.train.trainer import FinetuneConfig, build_model, lr_at, param_groups, train
 
 VENV_BIN = Path(sys.executable).parent
 # Prompts / answers with identical token counts (LLM and Q-Former), so that a batch of 4 on one
@@ -142,7 +142,7 @@ def test_training_loss_matches_hand_reference(tiny):
         assert out.loss.item() == pytest.approx(reference, abs=1e-5)
         loss = tiny.compute_loss(images=batch.pixel_values, prompts=prompts, answers=answers)
         assert loss.item() == pytest.approx(reference, abs=1e-5)
-        s, c = token_nll(out.logits, batch.labels)
+        s, c = next_token_nll(out.logits, batch.labels)
         assert (s.sum() / c.sum()).item() == pytest.approx(reference, abs=1e-5)
 
 

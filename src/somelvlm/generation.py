@@ -23,6 +23,7 @@ from transformers import GenerationConfig, LogitsProcessorList
 
 from .decoding import LlamaDecoder, supports
 from .logits import DUMMY_START_ID, LavisLogitsProcessor, SamplingSettings
+from .loss import next_token_nll
 from .options import GenerationOptions
 from .processing import IGNORE_INDEX, pad_batch
 
@@ -419,11 +420,6 @@ def rank(model: Any, image: Any, prompt: str, candidates: Sequence[str], normali
         lab, _ = pad_batch(labels, IGNORE_INDEX, "right")
         inputs, full_mask, pos = model.llm_inputs(queries.expand(len(part), -1, -1), ids, mask)
         logits = model.llm(inputs_embeds=inputs, attention_mask=full_mask, position_ids=pos, use_cache=False).logits
-        Q = queries.shape[1]
-        logp = logits[:, Q:-1].float().log_softmax(-1)  # predicts text positions 1..L-1
-        target = lab[:, 1:].to(logp.device)
-        picked = logp.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (target != IGNORE_INDEX)
-        total = picked.sum(-1)
-        counts = (target != IGNORE_INDEX).sum(-1).clamp(min=1)
-        scores.extend((total / counts if normalize else total).tolist())
+        nll, counts = next_token_nll(logits, lab)  # [len(part)] each
+        scores.extend((-nll / counts.clamp(min=1) if normalize else -nll).tolist())
     return sorted(zip(candidates, scores), key=lambda cs: -cs[1])

@@ -1,4 +1,5 @@
-"""The next-token loss of LAVIS's instruction tuning (one definition for the model, training, eval)."""
+"""The next-token loss of LAVIS's instruction tuning, the one definition: the token mean (model,
+training) and per-sample sums (evaluation loss, candidate ranking)."""
 
 from __future__ import annotations
 
@@ -23,3 +24,17 @@ def next_token_loss(outputs: torch.Tensor, labels: torch.Tensor,
     if head is not None:
         picked = head(picked)
     return F.cross_entropy(picked.float(), target[keep])
+
+
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample summed NLL of predicting the last `L` positions' `labels [B, L]` (-100: not counted)
+    from `logits [B, T, V]` (T >= L; position `T-L+t-1` predicts label `t`), and the counts (`[B]` each).
+
+    Ranking scores candidates by the negated sum; evaluation averages sum / count across processes."""
+    T, L = logits.shape[1], labels.shape[1]
+    if T > L:  # logits also cover a soft prompt in front: those positions predict nothing here
+        labels = torch.cat([labels.new_full((labels.shape[0], T - L), IGNORE_INDEX), labels], dim=1)
+    target = labels[:, 1:].to(logits.device)
+    nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                          reduction="none")  # [B, T-1], 0 where not counted
+    return nll.sum(1), (target != IGNORE_INDEX).sum(1)

@@ -12,10 +12,10 @@ import importlib.util
 import json
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm

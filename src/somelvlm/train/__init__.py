@@ -18,11 +18,11 @@ from .checkpoint import Diverged
 from .data import (Batch, Collator, EpochBatchSampler, InstructionDataset, Problems, Sample, read_samples,
                    train_dataset)
 from .lora import DEFAULT_TARGETS, add_lora, merge_lora
-from .trainer import (FinetuneConfig, build_model, frozen_dtype, lr_at, mixed_precision, param_groups, token_nll,
+from .trainer import (FinetuneConfig, build_model, frozen_dtype, lr_at, mixed_precision, param_groups,
                       train)
 
 __all__ = ["add_parser", "run", "main", "train", "FinetuneConfig", "Diverged", "build_model", "mixed_precision",
-           "frozen_dtype", "param_groups", "lr_at", "token_nll", "read_samples", "Sample", "Problems",
+           "frozen_dtype", "param_groups", "lr_at", "read_samples", "Sample", "Problems",
            "InstructionDataset", "train_dataset", "Collator", "Batch", "EpochBatchSampler", "add_lora", "merge_lora",
            "DEFAULT_TARGETS"]
 

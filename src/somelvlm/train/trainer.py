@@ -35,15 +35,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..folder import atomic_folder
 from ..precision import parse_dtype
 from ..lavis import lavis_state_dict
+from ..loss import next_token_nll
 from ..model import SoMeLVLM
-from ..processing import IGNORE_INDEX
 from .checkpoint import (Diverged, TrainState, _sharded, checkpoints, load_checkpoint, load_trainable,
                          prune_checkpoints, save_checkpoint, set_rng_state, write_text_atomic)
 from .data import Batch, Collator, EpochBatchSampler, Key, Problems, ShardSampler, eval_dataset, read_all, train_dataset
@@ -279,18 +278,6 @@ def total_norm(grads: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample summed next-token NLL over labels != -100, and the token counts (`[B]` each).
-
-    `logits` cover `[Q query positions + L text positions]`, `labels` the `L` text positions.
-    """
-    Q = logits.shape[1] - labels.shape[1]
-    pred = logits[:, Q - 1: -1].float()  # position Q+t-1 predicts text token t
-    labels = labels.to(pred.device)
-    nll = F.cross_entropy(pred.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.sum(1), (labels != IGNORE_INDEX).sum(1)
-
-
 def export_final(accelerator: Any, model: nn.Module, cfg: FinetuneConfig, run: Path) -> None:
     """`RUN/final` (LoRA merged), `RUN/lora-adapter`, and `final/checkpoint.pth` if asked."""
     if _sharded(accelerator):
@@ -360,7 +347,7 @@ def evaluate(accelerator: Any, model: nn.Module, dataset: Any, collate: Collator
     for batch in loader:
         inputs = batch.inputs(accelerator.device)
         labels = inputs.pop("labels")
-        nll, count = token_nll(model(**inputs).logits, labels)
+        nll, count = next_token_nll(model(**inputs).logits, labels)
         real = (torch.arange(seen, seen + len(batch), device=nll.device) < sampler.real).double()
         total += torch.stack([(nll.double() * real).sum(), (count.double() * real).sum()])
         seen += len(batch)
