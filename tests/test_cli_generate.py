@@ -101,7 +101,7 @@ def test_somedata_format_and_bad_lines(tiny, images, tmp_path, monkeypatch, capl
     assert "tasks.jsonl:2: not valid JSON" in msgs
     assert "tasks.jsonl:3: cannot use image" in msgs and "missing.jpg" in msgs
     assert "tasks.jsonl:4: cannot use image" in msgs and "broken.jpg" in msgs
-    assert "tasks.jsonl:5: needs a string 'prompt'" in msgs
+    assert "tasks.jsonl:5: needs a non-empty string 'prompt'" in msgs
     # a JSON list (SoMeData file) works the same way
     data = tmp_path / "set.json"
     data.write_text(json.dumps([rows[0], rows[5]]))

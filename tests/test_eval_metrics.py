@@ -137,17 +137,17 @@ def test_score_folder_per_file_and_family(data, tmp_path):
 
 @pytest.mark.parametrize("lines, message", [
     (['{"id": 0, "file": "PAN_test.json", "prediction": "male"}', '{"id": 1, "prediction": '],
-     r"p.jsonl, line 2: not valid JSON"),
+     r"p.jsonl:2: not valid JSON"),
     (['{"id": 4, "file": "PAN_test.json", "prediction": "male"}'],
-     r"line 1: id 4 out of range for PAN_test.json \(4 samples\)"),
+     r"p.jsonl:1: id 4 out of range for PAN_test.json \(4 samples\)"),
     (['{"id": -1, "file": "PAN_test.json", "prediction": "male"}'], "id -1 out of range"),
     (['{"id": "0", "file": "PAN_test.json", "prediction": "male"}'], "'id' must be an integer"),
-    (['{"id": 0, "prediction": "male"}'], "line 1: no 'file' key"),
+    (['{"id": 0, "prediction": "male"}'], "p.jsonl:1: no 'file' key"),
     (['{"id": 0, "file": "nope.json", "prediction": "male"}'], "file 'nope.json' is not among the data files"),
     (['{"id": 0, "file": "PAN_test.json", "prediction": 3}'], "'prediction' must be a string"),
     (['{"id": 0, "file": "PAN_test.json", "prediction": "a"}', "",
       '{"id": 0, "file": "PAN_test.json", "prediction": "b"}'],
-     r"line 3: duplicate prediction for PAN_test.json id 0 \(first on line 1\)"),
+     r"p.jsonl:3: duplicate prediction for PAN_test.json id 0 \(first at .*p.jsonl:1\)"),
 ])
 def test_prediction_file_errors(data, tmp_path, lines, message):
     path = tmp_path / "p.jsonl"

@@ -45,7 +45,7 @@ def test_somedata_classification_options_contain_gold(path):
     assert task.kind == "classification"
     assert task.family != "other"
     for s in task.samples:
-        assert s.options and s.reference in s.options, (s.id, s.options, s.reference)
+        assert task.options[s.id] and s.reference in task.options[s.id], (s.id, task.options[s.id], s.reference)
 
 
 @pytest.mark.parametrize("path", _somedata(generation=True))
@@ -53,7 +53,7 @@ def test_somedata_generation_files_detected(path):
     task = load_task(path)
     assert task.kind == "generation"
     assert task.family != "other"
-    assert all(s.options is None for s in task.samples)
+    assert all(task.options[s.id] is None for s in task.samples)
 
 
 WRAPPERS = ("{}", "The answer is {}.", "I think it is {}.", "Answer: {}!", "{upper}", "**{}**\n\nBecause reasons.")
@@ -120,7 +120,7 @@ def test_options_every_wording(cue, options, tmp_path):
     path = write_task(tmp_path / "x_test.json", [(POST + cue, options[-1])])
     task = load_task(path)
     assert task.kind == "classification"
-    assert list(task.samples[0].options) == options
+    assert list(task.options[0]) == options
 
 
 @pytest.mark.parametrize("prompt", [
@@ -151,20 +151,22 @@ def test_mixed_file_rejected(tmp_path):
 
 
 def test_load_errors_are_clear(tmp_path):
+    """A missing file or folder raises; a bad record is reported with FILE:LINE and skipped."""
     with pytest.raises(FileNotFoundError, match="data file not found"):
         load_task(tmp_path / "nope.json")
-    (tmp_path / "bad.json").write_text("[{")
-    with pytest.raises(ValueError, match="bad.json: not valid JSON"):
-        load_task(tmp_path / "bad.json")
-    (tmp_path / "obj.json").write_text('{"text_input": "x"}')
-    with pytest.raises(ValueError, match="expected a JSON list"):
-        load_task(tmp_path / "obj.json")
-    (tmp_path / "key.json").write_text('[{"text_input": "x", "image": "a.jpg"}]')
-    with pytest.raises(ValueError, match="sample 0 has no string 'text_output'"):
-        load_task(tmp_path / "key.json")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no \\*.json task files"):
         load_tasks(tmp_path / "empty")
+    cases = {"bad.json": ("[{", "bad.json:1: not valid JSON"),
+             "obj.json": ('{"text_input": "x"}', "obj.json:1: expected a JSON list"),
+             "key.json": ('[\n {"text_output": "a", "image": "a.jpg", "text_input": "Choices: [a, b]"},\n'
+                          ' {"text_input": "x", "image": "a.jpg"}\n]',
+                          "key.json:3 (record 2): 'text_output' is missing or empty")}
+    for name, (text, problem) in cases.items():
+        (tmp_path / name).write_text(text)
+        task = load_task(tmp_path / name)
+        assert any(problem in p for p in task.problems), (name, task.problems)
+    assert [s.id for s in load_task(tmp_path / "key.json").samples] == [0]
 
 
 def test_folder_is_read_in_name_order(tmp_path):

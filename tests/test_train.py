@@ -249,14 +249,14 @@ def test_bad_data_is_reported_skipped_and_counted(tmp_path, capsys):
     assert len(found) == 4
     for line, why in [(2, "not valid JSON"), (3, "'text_output' is missing or empty"), (4, "image not found"),
                       (10, "expected an object")]:
-        assert any(f"data.jsonl, line {line}: {why}" in f for f in found), (line, found)
+        assert any(f"data.jsonl:{line}: {why}" in f for f in found), (line, found)
 
     run = tmp_path / "run"
     train(config(run, jsonl, batch_size=5, max_steps=1))  # one batch holds every sample
     out = capsys.readouterr().out
     assert "5 sample(s) skipped" in out
     skipped = (run / "skipped.txt").read_text().splitlines()
-    assert len(skipped) == 5 and any("line 5: cannot read image" in s for s in skipped)
+    assert len(skipped) == 5 and any("data.jsonl:5: cannot read image" in s for s in skipped)
     assert (run / "final" / "model.safetensors").is_file()
 
 

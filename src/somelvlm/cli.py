@@ -16,9 +16,10 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__, train
+from . import __version__, hub, train
 from .config import SoMeLVLMConfig
 from .devices import resolve_device
+from .engines import cli as engines_cli
 from .generation import streaming_note
 from .console import run_command, setup_logging
 from .model import SoMeLVLM
@@ -57,9 +58,11 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="tiny",
-                   help="a somelvlm model folder, or 'tiny' (built-in, random weights) (default: tiny)")
+                   help="a somelvlm model folder, an HF InstructBLIP folder, the released SoMeLVLM layout, a Hub "
+                        "id of any of them (owner/name[@revision]), or 'tiny' (built-in, random weights) "
+                        "(default: tiny)")
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="compute dtype (default: fp32 on CPU; the folder's half dtype on GPU)")
+                   help="compute dtype (default: fp32 on CPU; on GPU fp16, the connection module fp32)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when usable, else cpu)")
 
 
@@ -117,22 +120,30 @@ def add_convert(sub: argparse._SubParsersAction) -> None:
                     "InstructBLIP folder (--from-hf) or a somelvlm folder (--model). Targets (--to): somelvlm "
                     "(default), hf, lavis.")
     src = p.add_argument_group("source")
-    src.add_argument("--lavis-checkpoint", type=Path, help="LAVIS checkpoint.pth (Q-Former, query tokens, ln_vision, llm_proj)")
-    src.add_argument("--vit", type=Path, help="LAVIS eva_vit_g.pth")
-    src.add_argument("--llm", type=Path, help="Hugging Face LLaMA/Vicuna folder (weights + tokenizer.model)")
-    src.add_argument("--from-hf", type=Path, metavar="DIR", help="a transformers InstructBLIP folder")
-    src.add_argument("--model", type=Path, metavar="DIR", help="a somelvlm model folder")
+    src.add_argument("--lavis-checkpoint", action="append", metavar="FILE",
+                     help="LAVIS checkpoint.pth (Q-Former, query tokens, ln_vision, llm_proj); repeat to layer "
+                          "checkpoints (base first, e.g. InstructBLIP's, then SoMeLVLM's): later files win per key")
+    src.add_argument("--vit", metavar="PATH_OR_URL",
+                     help="LAVIS eva_vit_g.pth: a file or URL (default: LAVIS's URL, fetched once into the cache)")
+    src.add_argument("--llm", metavar="DIR_OR_ID", help="Hugging Face LLaMA/Vicuna folder or Hub id (weights + "
+                     "tokenizer.model; default: the folder of the last --lavis-checkpoint)")
+    src.add_argument("--from-hub", metavar="ID", help="the released SoMeLVLM repo (checkpoint.pth beside the Vicuna "
+                     "folder), e.g. Lishi0905/SoMeLVLM[@revision]; --lavis-checkpoint then adds a base under it")
+    src.add_argument("--from-hf", metavar="DIR_OR_ID", help="a transformers InstructBLIP folder or Hub id")
+    src.add_argument("--model", metavar="DIR_OR_ID", help="a somelvlm model folder or Hub id")
     p.add_argument("--out", type=Path, required=True, help="output folder (written atomically)")
     p.add_argument("--to", choices=("somelvlm", "hf", "lavis"), default="somelvlm", help="output format (default: somelvlm)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default=None,
                    help="stored dtype. LAVIS sources: auto (default) keeps LAVIS's exact values (LLM and ViT "
                         "linears fp16, the rest fp32), bf16/fp16 cast the big parts, keeping the connection "
-                        "module fp32; other sources: unchanged unless given")
+                        "module fp32; other sources: fp32 unless given")
     p.add_argument("--qformer-tokenizer", type=Path, metavar="DIR", help="folder with bert-base-uncased vocab.txt "
                    "(default: the copy shipped with somelvlm)")
     p.add_argument("--config", help="architecture: a preset name or a somelvlm config.json (default: vicuna7b)")
     p.add_argument("--lavis-eps", action="store_true",
                    help="with --from-hf: use LAVIS's ln_vision eps 1e-5 instead of the HF vision eps")
+    p.add_argument("--strict", action="store_true",
+                   help="LAVIS sources: a ViT key the model lacks is an error (default: ignored, as LAVIS does)")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_convert)
@@ -145,28 +156,39 @@ def _model_dtype(dtype: str | None) -> str | None:
 def run_convert(args: argparse.Namespace) -> int:
     from .convert import convert_lavis, verify_folder
 
-    lavis = [args.lavis_checkpoint, args.vit, args.llm]
-    sources = sum([any(x is not None for x in lavis), args.from_hf is not None, args.model is not None])
+    checkpoints = list(args.lavis_checkpoint or [])
+    lavis = bool(checkpoints) or args.from_hub is not None or args.vit is not None or args.llm is not None
+    sources = sum([lavis, args.from_hf is not None, args.model is not None])
     if sources != 1:
-        raise ValueError("give exactly one source: --lavis-checkpoint/--vit/--llm, --from-hf, or --model")
+        raise ValueError("give exactly one source: --from-hub, --lavis-checkpoint/--vit/--llm, --from-hf, or --model")
     if args.out.exists() and not args.force:
         raise FileExistsError(f"{args.out} already exists; use --force to overwrite it")
-    if any(x is not None for x in lavis):
-        if any(x is None for x in lavis):
-            raise ValueError("the LAVIS source needs all of --lavis-checkpoint, --vit and --llm")
+    if lavis:
+        llm = args.llm
+        if args.from_hub is not None:
+            folder, kind = hub.resolve_model(args.from_hub)
+            if kind != "lavis":
+                raise ValueError(f"{args.from_hub} is a {kind} folder, not the released SoMeLVLM layout; use "
+                                 f"--{'model' if kind == 'somelvlm' else 'from-hf'} {args.from_hub}")
+            checkpoints.append(str(folder / hub.LAVIS_CHECKPOINT))
+            llm = llm or folder
+        if not checkpoints:
+            raise ValueError("the LAVIS source needs --lavis-checkpoint (or --from-hub)")
+        llm = llm or Path(checkpoints[-1]).parent
         if args.to == "somelvlm":
-            summary = convert_lavis(args.lavis_checkpoint, args.vit, args.llm, args.out, dtype=args.dtype or "auto",
+            summary = convert_lavis(checkpoints, args.vit, llm, args.out, dtype=args.dtype or "auto",
                                     qformer_tokenizer=args.qformer_tokenizer, config=_config_arg(args.config),
-                                    force=args.force, progress=not args.no_progress)
+                                    force=args.force, progress=not args.no_progress, strict=args.strict)
             print(summary)
             return 0
-        model = SoMeLVLM.from_lavis(args.lavis_checkpoint, args.vit, args.llm, qformer_tokenizer=args.qformer_tokenizer,
-                                    config=_config_arg(args.config), dtype=_model_dtype(args.dtype) or "fp32")
+        model = SoMeLVLM.from_lavis(checkpoints, args.vit, llm, qformer_tokenizer=args.qformer_tokenizer,
+                                    config=_config_arg(args.config), dtype=_model_dtype(args.dtype) or "fp32",
+                                    strict=args.strict)
     elif args.from_hf is not None:
-        model = SoMeLVLM.from_hf(args.from_hf, dtype=_model_dtype(args.dtype),
+        model = SoMeLVLM.from_hf(args.from_hf, dtype=_model_dtype(args.dtype) or "fp32",
                                  ln_vision_eps=1e-5 if args.lavis_eps else None)
     else:
-        model = SoMeLVLM.from_pretrained(args.model, dtype=_model_dtype(args.dtype))
+        model = SoMeLVLM.from_pretrained(args.model, dtype=_model_dtype(args.dtype) or "fp32")
     model.save_pretrained(args.out, format=args.to, force=args.force)
     if args.to == "somelvlm":
         params = verify_folder(args.out)
@@ -192,12 +214,8 @@ def add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stream", action="store_true",
                    help="print the answer as it is produced; decodes one sequence (greedy, or sampling "
                         "with --do-sample): --num-beams must be 1 or left out")
-    p.add_argument("--input", type=Path, help="tasks file (JSONL or a JSON list)")
-    p.add_argument("--output", type=Path, help="answers file (JSONL; appended, resumable)")
-    p.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to "
-                                                    "(default: the tasks file's folder)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    engines_cli.add_arguments(p)
     add_decoding_options(p)
     p.set_defaults(func=run_generate)
 
@@ -211,9 +229,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size must be at least 1")
     overrides = decoding_overrides(args)
     if args.input is not None:
-        require_file(args.input, "tasks file")
-        require_file(args.images_root, "images folder")
-        return _answer_file(args, overrides)
+        return engines_cli.run(args, overrides, lambda device: load_model(
+            args if device is None else argparse.Namespace(**{**vars(args), "device": str(device)})))
     demo = args.image is None and args.prompt is None and args.model in (None, "tiny")
     if args.image is None and args.prompt is None and not demo:
         raise ValueError("--prompt is required (with --image for a post with an image), or --input/--output")
@@ -236,18 +253,6 @@ def run_generate(args: argparse.Namespace) -> int:
     else:
         print(model.generate(image, [prompt], **overrides)[0])
     return 0
-
-
-def _answer_file(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
-    from .batch import answer_tasks
-
-    model = load_model(args)
-    res = answer_tasks(model, args.input, args.output, images_root=args.images_root, batch_size=args.batch_size,
-                       progress=not args.no_progress, **overrides)
-    rate = res.answered / res.seconds if res.seconds else 0.0
-    print(f"answered {res.answered}, already done {res.skipped}, failed {len(res.failures)} "
-          f"({rate:.2f} items/s) -> {args.output}", file=sys.stderr)
-    return 0 if res.ok else 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,6 +302,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_decoding_options(p)
     p.add_argument("--generate-kwargs", type=_json_object, default={},
                    help='more decoding options as JSON, e.g. \'{"top_p": 0.9}\' (names as in --help)')
+    p.add_argument("--force", action="store_true",
+                   help="resume predictions written with another model or other decoding options")
     p.add_argument("--judge", help="MODULE:FUNCTION, a judge(prompt, prediction, reference) -> float "
                                    "averaged over generation samples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -320,7 +327,8 @@ def run_eval(args: argparse.Namespace) -> int:
         report = evaluate(load_model(args), args.data, args.images_root, out.parent, mode=args.mode,
                           batch_size=args.batch_size, generate_kwargs=overrides, limit=args.limit,
                           predictions_path=args.predictions or out.with_name(f"{out.stem}.predictions.jsonl"),
-                          report_path=out, judge=judge, progress=not args.no_progress)
+                          report_path=out, judge=judge, progress=not args.no_progress, model_spec=args.model,
+                          force=args.force)
     print(f"wrote {out} and {out.with_suffix('.md')}: {_summary(report)}", file=sys.stderr)
     return 0
 

@@ -19,13 +19,35 @@ if TYPE_CHECKING:
 CONFIG_VERSION = 1
 
 
-def _build(cls: type, data: dict[str, Any] | None) -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown fields by name."""
-    data = dict(data or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+def read_json(path: str | Path, what: str = "JSON file") -> Any:
+    """Parse a JSON file; a missing, unreadable or invalid file is one error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file ({what})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+_KINDS = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _build(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown fields and wrongly typed values by name."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or cls.__name__}: expected an object of {cls.__name__} fields, got {data!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known: {sorted(known)}")
+    for name, value in data.items():
+        kinds = _KINDS.get(str(known[name].type))
+        if kinds and (not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool))):
+            raise ValueError(f"config field {where + '.' if where else ''}{name} must be {known[name].type}, "
+                             f"got {value!r}")
     return cls(**data)
 
 
@@ -92,9 +114,11 @@ class LLMConfig:
     rms_norm_eps: float = 1e-6
     max_positions: int = 2048
     rope_theta: float = 10000.0
+    # The special token ids, spelled here only.
     prompt_bos_id: int = 2  # LAVIS sets bos_token = '</s>': every prompt starts with id 2
     eos_id: int = 2
-    pad_id: int = 32000  # '[PAD]', appended by LAVIS
+    pad_id: int = 32000  # '[PAD]', appended by LAVIS (= the tokenizer's pieces)
+    bos_id: int = 1  # the Vicuna folder's '<s>': HF's bos, and transformers 4.33's dummy start of outputs
 
     def to_hf(self, attn_implementation: str = "sdpa") -> "LlamaConfig":
         from transformers import LlamaConfig
@@ -111,7 +135,7 @@ class LLMConfig:
             rope_theta=self.rope_theta,
             hidden_act="silu",
             tie_word_embeddings=False,
-            bos_token_id=1,
+            bos_token_id=self.bos_id,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
         )
@@ -166,10 +190,10 @@ class SoMeLVLMConfig:
         data = dict(data)
         data.pop("version", None)
         data.pop("model_type", None)
-        vision = _build(VisionConfig, data.pop("vision", None))
-        qformer = _build(QFormerConfig, data.pop("qformer", None))
+        vision = _build(VisionConfig, data.pop("vision", None), "vision")
+        qformer = _build(QFormerConfig, data.pop("qformer", None), "qformer")
         llm_data = data.pop("llm", None)
-        llm = _build(LLMConfig, llm_data) if llm_data is not None else None
+        llm = _build(LLMConfig, llm_data, "llm") if llm_data is not None else None
         top = _build(cls, data)
         return dataclasses.replace(top, vision=vision, qformer=qformer, llm=llm)
 
@@ -195,11 +219,16 @@ class SoMeLVLMConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "SoMeLVLMConfig":
-        data = json.loads(Path(path).read_text())
+        data = read_json(path, "somelvlm config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object")
         version = data.get("version", CONFIG_VERSION)
-        if version > CONFIG_VERSION:
-            raise ValueError(f"{path}: config version {version} is newer than this somelvlm ({CONFIG_VERSION})")
-        return cls.from_dict(data)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ValueError(f"{path}: config version {version!r} is not one this somelvlm reads (<= {CONFIG_VERSION})")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 PRESETS: dict[str, SoMeLVLMConfig] = {

@@ -23,12 +23,14 @@ from typing import Any
 
 import torch
 
+from . import hub
 from .config import SoMeLVLMConfig
-from .folder import INDEX_NAME, MAX_SHARD_BYTES, atomic_folder, generation_config, write_json
+from .folder import INDEX_NAME, MAX_SHARD_BYTES, atomic_folder, generation_config, plan_shards, safetensors_files, write_json
 from .lavis import LavisSources, make_processor
-from .loading import empty_model, parse_dtype
-from .model import SoMeLVLM, target_dtype
-from .vision import FP16_ROUNDED
+from .loading import check_dtype, drop_unknown, empty_model
+from .model import SoMeLVLM
+from .precision import lossless_dtype, parse_dtype, target_dtype
+from .processing import SoMeLVLMProcessor
 from .weights import check_state_dict
 
 log = logging.getLogger("somelvlm")
@@ -70,8 +72,6 @@ class StreamingShardWriter:
     soon as it arrives, in any order: memory holds one tensor at a time, never a whole shard."""
 
     def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]], max_bytes: int) -> None:
-        from .folder import plan_shards
-
         sizes = {k: math.prod(shape) * dtype.itemsize for k, (shape, dtype) in sorted(specs.items())}
         groups = plan_shards(sizes, max_bytes)
         n = len(groups)
@@ -127,9 +127,6 @@ def verify_folder(folder: Path) -> dict[str, int]:
     """Strictly check the written folder against the model it describes; returns params per component."""
     from safetensors import safe_open
 
-    from .folder import safetensors_files
-    from .processing import SoMeLVLMProcessor
-
     config = SoMeLVLMConfig.load(folder / "config.json")
     SoMeLVLMProcessor.from_pretrained(folder)  # tokenizers load
     model = empty_model(SoMeLVLM, config)
@@ -147,19 +144,9 @@ def verify_folder(folder: Path) -> dict[str, int]:
     return params
 
 
-def lossless_dtype(name: str, config: SoMeLVLMConfig) -> torch.dtype:
-    """`dtype="auto"`: store exactly the values LAVIS computes with, in the fewest bytes: the LLM and
-    the ViT's conv/linear weights are fp16-valued (LAVIS loads them so), everything else is fp32."""
-    if name.startswith("llm."):
-        return torch.float16
-    if config.vision.fp16_weights and name.startswith("vision.") and FP16_ROUNDED.match(name[len("vision."):]):
-        return torch.float16
-    return torch.float32
-
-
 def convert_lavis(
-    checkpoint: str | Path,
-    vit: str | Path,
+    checkpoint: str | Path | list[str | Path],
+    vit: str | Path | None,
     llm: str | Path,
     out: str | Path,
     dtype: torch.dtype | str | None = "auto",
@@ -168,15 +155,20 @@ def convert_lavis(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: bool = True,
+    strict: bool = False,
 ) -> ConversionSummary:
-    """LAVIS `checkpoint.pth` + `eva_vit_g.pth` + HF LLaMA folder -> somelvlm folder (see module doc)."""
+    """LAVIS `checkpoint.pth` (or `[base, finetuned]`) + `eva_vit_g.pth` (a path or URL; None: LAVIS's
+    URL) + HF LLaMA folder (or Hub id) -> somelvlm folder (see module doc and `SoMeLVLM.from_lavis`)."""
     from tqdm.auto import tqdm
 
-    src = LavisSources.open(checkpoint, vit, llm, config)
     out = Path(out)
+    if out.exists() and not force:  # before any download
+        raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
+    vit_file = hub.resolve_vit(vit)
+    src = LavisSources.open(checkpoint, vit_file, hub.resolve_folder(llm, "LLM folder"), config)
     expected = {k: v.shape for k, v in empty_model(SoMeLVLM, src.config).state_dict().items()}
     if dtype in (None, "auto"):
-        specs = {k: (tuple(shape), lossless_dtype(k, src.config)) for k, shape in expected.items()}
+        specs = {k: (tuple(shape), lossless_dtype(k, src.config.vision)) for k, shape in expected.items()}
         dtype_name = "auto"
     else:
         dtype = parse_dtype(dtype)
@@ -186,14 +178,15 @@ def convert_lavis(
         writer = StreamingShardWriter(tmp, specs, max_shard_bytes)
         seen: dict[str, torch.Tensor] = {}
         origin: dict[str, str] = {}
-        bar = tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress)
-        for name, t, f in src.tensors():
-            if name in specs and tuple(t.shape) == specs[name][0]:
-                writer.put(name, t.to(specs[name][1]))
-            seen[name] = torch.empty(t.shape, device="meta")
-            origin[name] = str(f)
-            bar.update(1)
-        bar.close()
+        with tqdm(total=len(expected), unit="tensor", desc="converting", disable=not progress) as bar:
+            for name, t, f in src.tensors():
+                if name in specs and tuple(t.shape) == specs[name][0]:
+                    check_dtype(name, t, specs[name][1].is_floating_point, str(f), allow_float64=True)
+                    writer.put(name, t.to(specs[name][1]))
+                seen[name] = torch.empty(t.shape, device="meta")
+                origin[name] = str(f)
+                bar.update(1)
+        drop_unknown(expected, seen, origin, {str(src.vit)}, strict)
         check_state_dict(expected, seen, origin)
         if writer.missing():  # cannot happen after the check above; never leave a hole in a shard
             raise RuntimeError(f"tensors not written: {writer.missing()[:10]}")

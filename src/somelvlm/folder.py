@@ -28,8 +28,9 @@ from typing import Any, Iterator
 import torch
 
 from .config import SoMeLVLMConfig
-from .loading import assign_state_dict, empty_model, parse_dtype
-from .model import target_dtype
+from .loading import Checkpoint
+from .options import GENERATION_CONFIG, GenerationOptions
+from .precision import parse_dtype, target_dtype
 from .processing import SoMeLVLMProcessor
 from .weights import WeightsError, hf_weight_files
 
@@ -38,24 +39,12 @@ log = logging.getLogger("somelvlm")
 MAX_SHARD_BYTES = 5 * 1024**3
 INDEX_NAME = "model.safetensors.index.json"
 
-GENERATION_DEFAULTS = {
-    # LAVIS Blip2VicunaInstruct.generate defaults. max_length/min_length count LAVIS's dummy start
-    # token (transformers 4.33 semantics): at most max_length - 1 = 255 new tokens.
-    "num_beams": 5,
-    "max_length": 256,
-    "min_length": 1,
-    "repetition_penalty": 1.5,
-    "length_penalty": 1.0,
-    "temperature": 1.0,
-    "top_p": 0.9,
-    "do_sample": False,
-}
 
-
-def generation_config(config: SoMeLVLMConfig) -> dict[str, Any]:
+def generation_config(config: SoMeLVLMConfig, options: GenerationOptions | None = None) -> dict[str, Any]:
+    """The `generation_config.json` of a folder: decoding options (LAVIS's by default) + the LLM's ids."""
     llm = config.llm
-    return {**GENERATION_DEFAULTS, "bos_token_id": llm.prompt_bos_id, "eos_token_id": llm.eos_id,
-            "pad_token_id": llm.pad_id, "decoder_start_note": "LLM prompts start with id 2 ('</s>'), as in LAVIS"}
+    return (options or GenerationOptions()).to_generation_config(eos_id=llm.eos_id, pad_id=llm.pad_id,
+                                                                 bos_id=llm.prompt_bos_id)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -68,7 +57,11 @@ def atomic_folder(folder: str | Path, force: bool = False) -> Iterator[Path]:
     if folder.exists() and not force:
         raise FileExistsError(f"{folder} already exists; pass force=True (--force) to overwrite it")
     folder.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; the result gets normal permissions
     try:
         yield tmp
         if folder.exists():
@@ -81,6 +74,15 @@ def atomic_folder(folder: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings left behind by a killed run writing `folder`."""
+    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
+        for stale in folder.parent.glob(pattern):
+            if stale.is_dir():
+                log.info("removing %s, left behind by an interrupted run", stale)
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -148,98 +150,42 @@ def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, "Any", Path]]:
 # ------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------
-def save_folder(model: Any, folder: str | Path, format: str = "somelvlm", force: bool = False,
-                dtype: torch.dtype | str | None = None, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def save_folder(model: Any, folder: str | Path, force: bool = False, dtype: torch.dtype | str | None = None,
+                max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Write a somelvlm folder (see module doc); `dtype=None` keeps each tensor's dtype."""
     folder = Path(folder)
-    if format == "hf":
-        from .hf import save_hf
-
-        return save_hf(model, folder, force=force, dtype=dtype)
-    if format == "lavis":
-        from .lavis import lavis_state_dict
-
-        with atomic_folder(folder, force) as tmp:
-            torch.save({"model": lavis_state_dict(model)}, tmp / "checkpoint.pth")
-        return folder
-    if format != "somelvlm":
-        raise ValueError(f"format must be 'somelvlm', 'hf' or 'lavis', got {format!r}")
+    if model.processor is None:
+        raise ValueError("this model has no tokenizers, so its folder could not run generation; set "
+                         "model.processor (e.g. SoMeLVLMProcessor.from_pretrained(llm_folder)) before saving")
     dtype = parse_dtype(dtype)
     tensors = {}
     for k, v in model.state_dict().items():
         t = v.detach()
-        want = target_dtype(k, dtype)
+        want = target_dtype(k, dtype) if t.is_floating_point() else None
         tensors[k] = t.to("cpu", want or t.dtype)
+    options = getattr(model, "generation_options", None)
     with atomic_folder(folder, force) as tmp:
         write_json(tmp / "config.json", model.config.to_dict())
         save_safetensors(tensors, tmp, max_shard_bytes)
-        write_json(tmp / "generation_config.json", generation_config(model.config))
-        if model.processor is not None:
-            model.processor.save_pretrained(tmp)
-        else:
-            log.warning("saving a model without tokenizers: the folder cannot run generation")
+        write_json(tmp / GENERATION_CONFIG, generation_config(model.config, options))
+        model.processor.save_pretrained(tmp)
     return folder
 
 
 # ------------------------------------------------------------------------------------------------
 # Load
 # ------------------------------------------------------------------------------------------------
-def load_folder(cls: type, folder: str | Path, dtype: torch.dtype | str | None = None,
-                device: str | torch.device | None = None, device_map: Any = None) -> Any:
+def read_folder(folder: str | Path) -> Checkpoint:
+    """A somelvlm model folder as a `Checkpoint`: tensors are read lazily from the memory map."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a somelvlm model folder (no config.json)")
     config = SoMeLVLMConfig.load(folder / "config.json")
-    dtype = parse_dtype(dtype)
-    processor = SoMeLVLMProcessor.from_pretrained(folder) if (folder / "tokenizer.model").is_file() else None
-    model = empty_model(cls, config, processor)
-    if device_map is not None and device is not None:
-        raise ValueError("pass either device or device_map, not both")
-    placement = resolve_device_map(model, device_map, dtype) if device_map is not None else None
+    processor = SoMeLVLMProcessor.from_pretrained(folder)
+    files = safetensors_files(folder)
 
-    state: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
-    for name, handle, f in iter_safetensors(safetensors_files(folder)):
-        dev = _device_for(name, placement) if placement is not None else device
-        t = handle.get_tensor(name)
-        want = target_dtype(name, dtype) or t.dtype
-        state[name] = t.to(device=dev or "cpu", dtype=want)
-        origin[name] = str(f)
-    # tensors are already in place; with a single device, assign_state_dict also moves the buffers
-    assign_state_dict(model, state, dtype=None, device=device if placement is None else None, origin=origin)
-    del state
-    if placement is not None:
-        from accelerate import dispatch_model
+    def tensors() -> Iterator[tuple[str, torch.Tensor, str]]:
+        for name, handle, f in iter_safetensors(files):
+            yield name, handle.get_tensor(name), str(f)
 
-        model = dispatch_model(model, device_map=placement)
-    return model.eval()
-
-
-NO_SPLIT = ["Block", "Layer", "LlamaDecoderLayer"]
-
-
-def resolve_device_map(model: Any, device_map: Any, dtype: torch.dtype | None) -> dict[str, Any]:
-    """A module -> device dict from "auto" / "balanced" / "sequential" / a device name / a dict."""
-    if isinstance(device_map, dict):
-        return device_map
-    if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced",
-                                                                               "balanced_low_0", "sequential"):
-        return {"": str(device_map)}
-    from accelerate import infer_auto_device_map
-    from accelerate.utils import get_balanced_memory
-
-    kwargs: dict[str, Any] = {"no_split_module_classes": NO_SPLIT, "dtype": dtype}
-    if device_map != "sequential":
-        kwargs["max_memory"] = get_balanced_memory(model, low_zero=device_map == "balanced_low_0", **kwargs)
-    placement = infer_auto_device_map(model, **kwargs)
-    if any(d == "disk" for d in placement.values()):
-        raise ValueError("the model does not fit in GPU + CPU memory; disk offload is not supported")
-    return placement
-
-
-def _device_for(name: str, placement: dict[str, Any]) -> Any:
-    best, dev = -1, "cpu"
-    for prefix, d in placement.items():
-        if prefix == "" or name == prefix or name.startswith(prefix + "."):
-            if len(prefix) > best:
-                best, dev = len(prefix), d
-    return dev
+    return Checkpoint(config, processor, tensors(), GenerationOptions.load(folder), allow_float64=False)

@@ -13,20 +13,20 @@ restores LAVIS numerics for weights converted from LAVIS.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from .config import LLMConfig, QFormerConfig, SoMeLVLMConfig, VisionConfig
+from .config import LLMConfig, QFormerConfig, SoMeLVLMConfig, VisionConfig, read_json
 from .folder import atomic_folder, save_safetensors, write_json
-from .lavis import resize_vocab
-from .loading import assign_state_dict, empty_model, parse_dtype
+from .loading import Checkpoint
+from .precision import parse_dtype
 from .processing import MEAN, STD, LlamaTokenizer, QFormerTokenizer, SoMeLVLMProcessor
-from .weights import WeightMap, WeightsError, iter_hf_weights
+from .vocab import RESIZED, resize_vocab, with_tokenizer
+from .weights import WeightMap, iter_hf_weights
 
 log = logging.getLogger("somelvlm")
 
@@ -35,7 +35,7 @@ def hf_config(model: Any) -> dict[str, Any]:
     c: SoMeLVLMConfig = model.config
     v, q, llm = c.vision, c.qformer, c.llm
     text = llm.to_hf().to_dict()
-    text.update(vocab_size=llm.vocab_size + 1, pad_token_id=llm.pad_id, bos_token_id=1, eos_token_id=llm.eos_id)
+    text.update(vocab_size=llm.vocab_size + 1, pad_token_id=llm.pad_id, bos_token_id=llm.bos_id, eos_token_id=llm.eos_id)
     for k in ("_attn_implementation", "_attn_implementation_internal", "transformers_version", "dtype"):
         text.pop(k, None)
     if c.ln_vision_eps != v.layer_norm_eps:
@@ -80,7 +80,7 @@ def save_hf(model: Any, folder: str | Path, force: bool = False, dtype: torch.dt
         write_json(tmp / "config.json", cfg)
         save_safetensors(hf_sd, tmp)
         llm = model.config.llm
-        write_json(tmp / "generation_config.json", {"bos_token_id": 1, "eos_token_id": llm.eos_id,
+        write_json(tmp / "generation_config.json", {"bos_token_id": llm.bos_id, "eos_token_id": llm.eos_id,
                                                      "pad_token_id": llm.pad_id})
         if model.processor is not None:
             save_hf_processor(model.processor, tmp, cfg["num_query_tokens"], cfg["image_token_index"])
@@ -149,40 +149,41 @@ def config_from_hf(cfg: dict[str, Any], ln_vision_eps: float | None = None) -> S
     return SoMeLVLMConfig(vision=vision, qformer=qformer, llm=llm, ln_vision_eps=eps)
 
 
-def load_hf(cls: type, folder: str | Path, dtype: torch.dtype | str | None = None,
-            device: str | torch.device | None = None, ln_vision_eps: float | None = None) -> Any:
+def is_hf_folder(folder: Path) -> bool:
+    """Whether `folder` holds a transformers InstructBLIP model (its config.json says so)."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return False
+    data = read_json(path, "model config")
+    return isinstance(data, dict) and data.get("model_type") == "instructblip"
+
+
+def read_hf(folder: str | Path, ln_vision_eps: float | None = None) -> Checkpoint:
+    """An HF `InstructBlipForConditionalGeneration` folder as a `Checkpoint` (vocab cut to pieces + [PAD])."""
     folder = Path(folder)
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected an HF InstructBLIP folder)")
-    raw = json.loads(cfg_path.read_text())
-    if raw.get("model_type") != "instructblip":
-        raise ValueError(f"{cfg_path}: model_type is {raw.get('model_type')!r}, expected 'instructblip'")
+    raw = read_json(cfg_path, "HF InstructBLIP config")
+    if not isinstance(raw, dict) or raw.get("model_type") != "instructblip":
+        got = raw.get("model_type") if isinstance(raw, dict) else None
+        raise ValueError(f"{cfg_path}: model_type is {got!r}, expected 'instructblip'")
     config = config_from_hf(raw, ln_vision_eps)
     if not (folder / "tokenizer.model").is_file():
         raise FileNotFoundError(f"{folder}: no tokenizer.model (the LLaMA SentencePiece model is needed)")
     llm_tok = LlamaTokenizer(folder / "tokenizer.model")
-    keep = llm_tok.num_pieces + 1  # pieces + [PAD]
-
+    config = config.replace(llm=with_tokenizer(config.llm, llm_tok.num_pieces))
+    rows = config.llm.vocab_size
     wmap = WeightMap.load("hf")
-    external, origin = {}, {}
-    for k, v, f in iter_hf_weights(folder):
-        external[k] = v
-        origin[k] = str(f)
-    ours = wmap.to_ours(external)
-    our_origin = {wmap.key_to_ours(k): f for k, f in origin.items()}
-    for key in ("llm.model.embed_tokens.weight", "llm.lm_head.weight"):
-        if key in ours:
-            if ours[key].shape[0] < keep - 1:
-                raise WeightsError(f"{folder}: {key} has {ours[key].shape[0]} rows but the tokenizer has "
-                                   f"{llm_tok.num_pieces} pieces")
-            ours[key] = resize_vocab(ours[key], keep, 0 if "embed" in key else 1, f"{folder}: {key}")
-    import dataclasses
 
-    config = config.replace(llm=dataclasses.replace(config.llm, vocab_size=keep, pad_id=llm_tok.num_pieces))
+    def tensors() -> Iterator[tuple[str, torch.Tensor, str]]:
+        for k, v, f in iter_hf_weights(folder):
+            for name, t in wmap.to_ours({k: v}).items():
+                if name in RESIZED:
+                    t = resize_vocab(t, rows, RESIZED[name], f"{f}: {k}")
+                yield name, t, str(f)
+
     qdir = folder / "qformer_tokenizer"
     processor = SoMeLVLMProcessor(llm_tok, QFormerTokenizer(qdir if (qdir / "vocab.txt").is_file() else None),
                                   image_size=config.vision.image_size)
-    model = empty_model(cls, config, processor)
-    assign_state_dict(model, ours, dtype=parse_dtype(dtype) or torch.float32, device=device, origin=our_origin)
-    return model.eval()
+    return Checkpoint(config, processor, tensors())

@@ -9,24 +9,27 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import hub
 from .config import SoMeLVLMConfig
+from .folder import read_folder, save_folder
+from .hf import read_hf, save_hf
+from .lavis import read_lavis, save_lavis
+from .loading import Checkpoint, materialize
+from .loss import next_token_loss
+from .options import GenerationOptions
+from .precision import parse_dtype, target_dtype
 from .processing import IGNORE_INDEX, SoMeLVLMProcessor
 from .qformer import QFormer
 from .vision import VisionTransformer
 
 log = logging.getLogger("somelvlm")
-
-# The ~190M-parameter connection module stays fp32 when the model is loaded in half precision,
-# as in LAVIS on GPU (Q-Former and llm_proj run outside autocast, ln_vision is an fp32 LayerNorm).
-FP32_MODULES = ("ln_vision.", "qformer.", "query_tokens", "proj.")
-PAD_ROW_SEED = 32000
-PAD_ROW_STD = 0.02
+PathLike = str | Path
 
 
 class LayerNormFp32(nn.LayerNorm):
@@ -40,38 +43,16 @@ class LayerNormFp32(nn.LayerNorm):
 
 @dataclass
 class SoMeLVLMOutput:
-    logits: torch.Tensor | None  # [B, Q + L, V]: query positions, then text positions
+    logits: torch.Tensor | None  # [B, Q + L, V]: query positions, then text positions ([B, L] text-only)
     loss: torch.Tensor | None = None
     past_key_values: Any = None
 
 
-def target_dtype(name: str, dtype: torch.dtype | None, keep_fp32: bool = True) -> torch.dtype | None:
-    """The dtype a parameter is stored in when the model is loaded as `dtype`."""
-    if dtype is None:
-        return None
-    if keep_fp32 and dtype in (torch.float16, torch.bfloat16) and name.startswith(FP32_MODULES):
-        return torch.float32
-    return dtype
-
-
-def pad_rows(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `[PAD]` rows appended to `embed_tokens` and `lm_head` when growing the vocab by one.
-
-    LAVIS draws them at random (HF `_init_weights`, N(0, 0.02²)) and never saves them; we draw from the
-    same distribution but deterministically: one `torch.Generator` seeded 32000, first the
-    `embed_tokens` row, then the `lm_head` row, in fp32.
-    """
-    g = torch.Generator().manual_seed(PAD_ROW_SEED)
-    embed = torch.randn(hidden, generator=g, dtype=torch.float32) * PAD_ROW_STD
-    head = torch.randn(hidden, generator=g, dtype=torch.float32) * PAD_ROW_STD
-    return embed, head
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of next-token prediction over labels != -100 (logits upcast to fp32)."""
-    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+def _dtype_arg(dtype: Any, torch_dtype: Any) -> Any:
+    """`torch_dtype=` is accepted as an alias of `dtype=` (transformers users type it)."""
+    if torch_dtype is not None and dtype is not None and parse_dtype(dtype) != parse_dtype(torch_dtype):
+        raise ValueError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; pass one of them")
+    return dtype if dtype is not None else torch_dtype
 
 
 class SoMeLVLM(nn.Module):
@@ -95,6 +76,7 @@ class SoMeLVLM(nn.Module):
         self.proj = nn.Linear(q.hidden, config.llm.hidden)
         self.llm = LlamaForCausalLM(config.llm.to_hf("eager" if exact else "sdpa"))
         self.processor = processor
+        self.generation_options = GenerationOptions()  # decoding defaults (a folder's generation_config.json)
         self.freeze_vision = True
         self.freeze_llm = True
         self.apply_freeze_policy()
@@ -116,11 +98,10 @@ class SoMeLVLM(nn.Module):
         return cls(config, processor).eval()
 
     @classmethod
-    def load(cls, spec: str | Path | None = "tiny", dtype: torch.dtype | str | None = None,
+    def load(cls, spec: PathLike | None = "tiny", dtype: torch.dtype | str | None = None,
              device: str | torch.device | None = None) -> "SoMeLVLM":
-        """`"tiny"` (the built-in random demo model, with a warning) or a somelvlm model folder."""
-        from .loading import parse_dtype
-
+        """What `--model` accepts: `"tiny"` (the built-in random demo model, with a warning), a somelvlm
+        folder, an HF InstructBLIP folder, the released LAVIS layout, or a Hub id of any of them."""
         if spec in (None, "tiny"):
             log.warning("using the built-in 'tiny' model with RANDOM weights: its answers are meaningless; "
                         "pass a converted model folder for real answers")
@@ -128,55 +109,80 @@ class SoMeLVLM(nn.Module):
             if dtype is not None:
                 model.to_dtype(parse_dtype(dtype))
             return model.to(device) if device is not None else model
-        if not Path(spec).is_dir():
-            raise FileNotFoundError(f"model folder not found: {spec} (convert the released weights with "
-                                    "`somelvlm convert`, or use 'tiny')")
         return cls.from_pretrained(spec, dtype=dtype, device=device)
 
     @classmethod
     def from_lavis(
         cls,
-        checkpoint: str | Path,
-        vit: str | Path,
-        llm: str | Path,
-        qformer_tokenizer: str | Path | None = None,
+        checkpoint: PathLike | Sequence[PathLike],
+        vit: PathLike | None = None,
+        llm: PathLike | None = None,
+        qformer_tokenizer: PathLike | None = None,
         config: SoMeLVLMConfig | None = None,
         dtype: torch.dtype | str | None = None,
         device: str | torch.device | None = None,
+        strict: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> "SoMeLVLM":
         """Load the released LAVIS files: `checkpoint.pth`, `eva_vit_g.pth` and the HF LLM folder.
 
-        `config=None` is the released architecture; the LLM architecture always comes from the
-        folder. `dtype=None` loads fp32 (LAVIS's CPU reference). See `somelvlm.lavis` for details.
+        `checkpoint` may be a list `[base, finetuned]` (later files win per key, as SoMeLVLM's config
+        loads InstructBLIP's checkpoint under its own); `llm` may be a Hub id, and defaults to the folder of
+        `checkpoint` (the released repo holds both); `vit` is a path or URL, by default LAVIS's URL
+        (fetched once into the cache). `strict=True`: keys of the ViT file that the model lacks are errors
+        instead of being ignored as LAVIS does. `config=None` is the released architecture; the LLM
+        architecture always comes from the folder. `dtype=None`: fp32 on CPU, fp16 on CUDA (see `precision`).
         """
-        from .lavis import load_lavis
-
-        return load_lavis(cls, checkpoint=checkpoint, vit=vit, llm=llm, qformer_tokenizer=qformer_tokenizer,
-                          config=config, dtype=dtype, device=device)
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device | None = None, device_map: Any = None) -> "SoMeLVLM":
-        """Load a somelvlm model folder (see `save_pretrained`)."""
-        from .folder import load_folder
-
-        return load_folder(cls, folder, dtype=dtype, device=device, device_map=device_map)
+        ckpts = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+        if llm is None:
+            llm = Path(ckpts[-1]).parent
+        llm_folder = hub.resolve_folder(llm, "LLM folder")
+        vit_file = hub.resolve_vit(vit)
+        src = read_lavis(ckpts, vit_file, llm_folder, qformer_tokenizer, config)
+        return materialize(cls, src, _dtype_arg(dtype, torch_dtype), device, strict=strict)
 
     @classmethod
-    def from_hf(cls, folder: str | Path, dtype: torch.dtype | str | None = None,
-                device: str | torch.device | None = None, ln_vision_eps: float | None = None) -> "SoMeLVLM":
-        """Import a Hugging Face `InstructBlipForConditionalGeneration` folder. `ln_vision_eps=None`
+    def from_pretrained(cls, id_or_dir: PathLike, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, device_map: Any = None,
+                        torch_dtype: torch.dtype | str | None = None, vit: PathLike | None = None,
+                        strict: bool = False, config: SoMeLVLMConfig | None = None) -> "SoMeLVLM":
+        """Load a model folder or Hub id (`owner/name[@revision]`): a somelvlm folder (see
+        `save_pretrained`), an HF InstructBLIP folder, or the released SoMeLVLM layout (`checkpoint.pth`
+        beside the Vicuna folder, e.g. "Lishi0905/SoMeLVLM"; `vit`, `config` and `strict` as in `from_lavis`).
+        `dtype=None`: fp32 on CPU, fp16 on CUDA with the connection module fp32 (see `precision`)."""
+        dtype = _dtype_arg(dtype, torch_dtype)
+        folder, kind = hub.resolve_model(id_or_dir)
+        if kind == "lavis":
+            src: Checkpoint = read_lavis(folder / hub.LAVIS_CHECKPOINT,
+                                         hub.resolve_vit(vit), folder, config=config)
+        elif kind == "hf":
+            log.info("%s is an HF InstructBLIP folder: importing it (`somelvlm convert --from-hf` makes a "
+                     "somelvlm folder once)", id_or_dir)
+            src = read_hf(folder)
+        else:
+            src = read_folder(folder)
+        return materialize(cls, src, dtype, device, device_map, strict=strict)
+
+    @classmethod
+    def from_hf(cls, id_or_dir: PathLike, dtype: torch.dtype | str | None = None,
+                device: str | torch.device | None = None, ln_vision_eps: float | None = None,
+                torch_dtype: torch.dtype | str | None = None) -> "SoMeLVLM":
+        """Import a Hugging Face `InstructBlipForConditionalGeneration` folder or Hub id. `ln_vision_eps=None`
         reproduces the HF model (vision eps); pass 1e-5 for LAVIS numerics."""
-        from .hf import load_hf
+        folder = hub.resolve_folder(id_or_dir, "HF InstructBLIP folder")
+        return materialize(cls, read_hf(folder, ln_vision_eps), _dtype_arg(dtype, torch_dtype), device)
 
-        return load_hf(cls, folder, dtype=dtype, device=device, ln_vision_eps=ln_vision_eps)
-
-    def save_pretrained(self, folder: str | Path, format: str = "somelvlm", **kwargs: Any) -> Path:
+    def save_pretrained(self, folder: PathLike, format: str = "somelvlm", force: bool = False,
+                        dtype: torch.dtype | str | None = None, **kwargs: Any) -> Path:
         """Write a model folder: `format="somelvlm"` (safetensors, our config), `"hf"` (a folder
         `InstructBlipForConditionalGeneration.from_pretrained` loads) or `"lavis"` (`checkpoint.pth`)."""
-        from .folder import save_folder
-
-        return save_folder(self, folder, format=format, **kwargs)
+        if format == "somelvlm":
+            return save_folder(self, folder, force=force, dtype=dtype, **kwargs)
+        if format == "hf":
+            return save_hf(self, folder, force=force, dtype=dtype)
+        if format == "lavis":
+            return save_lavis(self, folder, force=force)
+        raise ValueError(f"format must be 'somelvlm', 'hf' or 'lavis', got {format!r}")
 
     # ------------------------------------------------------------------------------------------
     # Freezing (InstructBLIP: ViT and LLM frozen, connection module trained)
@@ -279,15 +285,18 @@ class SoMeLVLM(nn.Module):
         return self.proj(h.to(self.proj.weight.dtype))  # [B, Q, D]
 
     def llm_inputs(
-        self, queries: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+        self, queries: torch.Tensor | None, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`[queries | embed(ids)]`, its mask and position ids (cumsum of the mask: pads are skipped)."""
+        """`[queries | embed(ids)]`, its mask and position ids (cumsum of the mask: pads are skipped).
+        `queries=None` (a post without an image): the text alone, no soft prompt."""
         embed = self.llm.get_input_embeddings()
         input_ids = input_ids.to(embed.weight.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.to(input_ids.device)
         text = embed(input_ids)  # [B, L, D]
+        if queries is None:
+            queries = text.new_zeros(text.shape[0], 0, text.shape[2])  # [B, 0, D]
         inputs = torch.cat([queries.to(text.device, text.dtype), text], dim=1)  # [B, Q+L, D]
         mask = torch.cat([attention_mask.new_ones(queries.shape[:2]), attention_mask], dim=1)  # [B, Q+L]
         position_ids = (mask.cumsum(-1) - 1).clamp_(min=0)
@@ -306,18 +315,19 @@ class SoMeLVLM(nn.Module):
     ) -> SoMeLVLMOutput:
         """Logits over `[Q query positions + L text positions]`; `labels` cover the text (`[B, L]`) or
         everything (`[B, Q+L]`), -100 = ignored; the loss is LAVIS's token-mean next-token CE.
-        `return_logits=False` (with labels) applies the LM head to the labelled positions only,
-        which saves the `[B, Q+L, vocab]` logits' memory in training."""
+        Without `pixel_values` and `image_embeds` (a plain-text post) the LLM runs alone on the same
+        tokens: no soft prompt, Q = 0. `return_logits=False` (with labels) applies the LM head to the
+        labelled positions only, which saves the `[B, Q+L, vocab]` logits' memory in training."""
         if input_ids is None:
             raise ValueError("input_ids are required")
-        if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("give pixel_values or image_embeds")
+        if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_image(pixel_values)
-        queries = self.query_embeds(image_embeds, qformer_input_ids, qformer_attention_mask)
-        inputs, mask, pos = self.llm_inputs(queries, input_ids, attention_mask)
+        queries = None
+        if image_embeds is not None:
+            queries = self.query_embeds(image_embeds, qformer_input_ids, qformer_attention_mask)  # [B, Q, D]
+        inputs, mask, pos = self.llm_inputs(queries, input_ids, attention_mask)  # [B, Q+L, D]
         if labels is not None:
-            Q = queries.shape[1]
+            Q = inputs.shape[1] - input_ids.shape[1]
             if labels.shape[1] == input_ids.shape[1]:
                 labels = torch.cat([labels.new_full((labels.shape[0], Q), IGNORE_INDEX), labels], dim=1)
             elif labels.shape[1] != Q + input_ids.shape[1]:
@@ -325,12 +335,9 @@ class SoMeLVLM(nn.Module):
         if labels is not None and not return_logits:
             hidden = self.llm.get_decoder()(inputs_embeds=inputs, attention_mask=mask, position_ids=pos,
                                             use_cache=False).last_hidden_state  # [B, Q+L, D]
-            target = labels[:, 1:].to(hidden.device)
-            keep = target != IGNORE_INDEX  # next-token positions that count
-            picked = self.llm.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [N, V]
-            return SoMeLVLMOutput(logits=None, loss=F.cross_entropy(picked, target[keep]))
+            return SoMeLVLMOutput(logits=None, loss=next_token_loss(hidden, labels, self.llm.get_output_embeddings()))
         logits = self.llm(inputs_embeds=inputs, attention_mask=mask, position_ids=pos, use_cache=False).logits
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        loss = next_token_loss(logits, labels) if labels is not None else None
         return SoMeLVLMOutput(logits=logits, loss=loss)
 
     # ------------------------------------------------------------------------------------------
@@ -369,14 +376,17 @@ class SoMeLVLM(nn.Module):
         return rank(self, image, prompt, candidates, **kwargs)
 
     def compute_loss(self, images: Any, prompts: list[str], answers: list[str]) -> torch.Tensor:
-        """LAVIS instruction-tuning loss for raw texts (tokenised with LAVIS's rules)."""
+        """LAVIS instruction-tuning loss for raw texts (tokenised with LAVIS's rules); `images=None`:
+        plain-text posts, the LLM alone on the same tokens."""
         proc = self.require_processor()
         text = proc.training_text(prompts, answers)
-        if isinstance(images, torch.Tensor):
+        if images is None or isinstance(images, torch.Tensor):
             pixel_values = images
         else:
             pixel_values = proc.images(images)
-        out = self(pixel_values=pixel_values.to(self.device), input_ids=text.input_ids,
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(self.device)
+        out = self(pixel_values=pixel_values, input_ids=text.input_ids,
                    attention_mask=text.attention_mask, qformer_input_ids=text.qformer_input_ids,
                    qformer_attention_mask=text.qformer_attention_mask, labels=text.labels, return_logits=False)
         return out.loss

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .config import read_json
+
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100
@@ -333,9 +335,18 @@ class SoMeLVLMProcessor:
     def from_pretrained(cls, folder: str | Path) -> "SoMeLVLMProcessor":
         folder = Path(folder)
         cfg_path = folder / "processor_config.json"
-        cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        llm = LlamaTokenizer(folder / "tokenizer.model", bos_id=cfg.get("llm_bos_id", 2),
-                             eos_id=cfg.get("llm_eos_id", 2), pad_id=cfg.get("llm_pad_id"))
+        cfg = read_json(cfg_path, "processor config") if cfg_path.is_file() else {}
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object")
+        spm_file = folder / "tokenizer.model"
+        if not spm_file.is_file():
+            raise FileNotFoundError(f"{spm_file} is missing: the folder needs the LLaMA SentencePiece model "
+                                    "(copy tokenizer.model from the LLM folder)")
+        try:
+            llm = LlamaTokenizer(spm_file, bos_id=cfg.get("llm_bos_id", 2), eos_id=cfg.get("llm_eos_id", 2),
+                                 pad_id=cfg.get("llm_pad_id"))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{spm_file}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
         qdir = folder / "qformer_tokenizer"
         qtok = QFormerTokenizer(qdir if qdir.is_dir() else None, max_length=cfg.get("qformer_max_length", 128))
         return cls(llm, qtok, image_size=cfg.get("image_size", 224), max_txt_len=cfg.get("max_txt_len", 128),

@@ -47,9 +47,12 @@ def load_file(path: str | Path, mmap: bool = True) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(e))
+        what = f" (it references {found.group(1)})" if found else ""
         raise WeightsError(
-            f"{path}: refused to load: it contains pickled objects that are not plain tensors/containers "
-            f"(loading uses torch.load(weights_only=True), which never executes code). Details: {e}"
+            f"{path}: refused to load: it contains pickled objects that are not plain tensors/containers{what}; "
+            "somelvlm reads weights with torch.load(weights_only=True), which never executes code. "
+            "Re-save the file as a plain state dict, or convert it to safetensors."
         ) from None
     except RuntimeError as e:
         msg = str(e)
@@ -88,10 +91,14 @@ def hf_weight_files(folder: str | Path, formats: tuple[str, ...] = ("safetensors
         index = folder / f"{names[fmt]}.index.json"
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise WeightsError(f"{index}: not a valid index file ({e})") from None
-            files = sorted(set(weight_map.values()))
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise WeightsError(f"{index}: not a valid index file ({type(e).__name__}: {e})") from None
+            # lexical check: a Hub cache's files are symlinks into blobs/, which is fine
+            outside = [f for f in files if not isinstance(f, str) or Path(f).is_absolute() or ".." in Path(f).parts]
+            if outside:
+                raise WeightsError(f"{index}: weight_map entries {outside[:5]} point outside {folder}; refused")
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
                 raise WeightsError(f"{index} names shard(s) {missing} that are missing from {folder}")

@@ -3,10 +3,10 @@ BLEU/ROUGE-L, a resumable encode-once-ask-many runner and the `somelvlm eval` CL
 
 from .metrics import accuracy, bleu, judge_score, rouge_l
 from .runner import evaluate, read_predictions, score, write_report
-from .tasks import FAMILIES, Sample, TaskFile, extract_options, family_of, load_task, load_tasks, parse_answer
+from .tasks import FAMILIES, TaskFile, extract_options, family_of, load_task, load_tasks, parse_answer
 
 __all__ = [
-    "FAMILIES", "Sample", "TaskFile", "accuracy", "bleu", "evaluate", "extract_options", "family_of",
+    "FAMILIES", "TaskFile", "accuracy", "bleu", "evaluate", "extract_options", "family_of",
     "judge_score", "load_task", "load_tasks", "parse_answer", "read_predictions", "rouge_l", "score",
     "write_report",
 ]

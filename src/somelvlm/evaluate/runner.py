@@ -17,18 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from PIL import Image
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..options import GenerationOptions
+from ..tasks.answer import answer_tasks
+from ..tasks.output import AnswerWriter, RunSettings
+from ..tasks.records import IMAGE_ERRORS, Task
 from .metrics import Judge, accuracy, bleu, judge_score, option_counts, rouge_l
-from .tasks import Sample, TaskFile, load_tasks, parse_answer
+from .tasks import TaskFile, load_tasks, parse_answer
 
 log = logging.getLogger("somelvlm")
 
 Mode = Literal["generate", "rank"]
 Records = dict[str, dict[int, dict]]  # file name -> sample id -> prediction line
-# What opening/decoding a bad image file raises (UnidentifiedImageError is an OSError).
-IMAGE_ERRORS = (OSError, Image.DecompressionBombError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +52,7 @@ def read_predictions(path: str | Path, tasks: Sequence[TaskFile]) -> Records:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            where = f"{path}, line {lineno}"
+            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
@@ -58,7 +60,7 @@ def read_predictions(path: str | Path, tasks: Sequence[TaskFile]) -> Records:
             name, index = _locate(record, where, by_name)
             if (name, index) in seen:
                 raise ValueError(f"{where}: duplicate prediction for {name} id {index} "
-                                 f"(first on line {seen[name, index]})")
+                                 f"(first at {path}:{seen[name, index]})")
             seen[name, index] = lineno
             records[name][index] = record
     return records
@@ -77,51 +79,19 @@ def _locate(record: Any, where: str, by_name: dict[str, TaskFile]) -> tuple[str,
         name = next(iter(by_name))
     if name not in by_name:
         raise ValueError(f"{where}: file {name!r} is not among the data files {sorted(by_name)}")
-    size = len(by_name[name].samples)
-    if not 0 <= index < size:
+    if index not in by_name[name].options:
+        size = len(by_name[name].samples)
         raise ValueError(f"{where}: id {index} out of range for {name} ({size} samples)")
     if "error" not in record and not isinstance(record.get("prediction"), str):
         raise ValueError(f"{where}: 'prediction' must be a string")
     return name, index
 
 
-def _drop_partial_line(path: Path) -> None:
-    """Cut an interrupted write (a last line without its newline) so resuming rewrites it."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-        with path.open("r+b") as fh:
-            fh.truncate(keep)
-
-
 # ----------------------------------------------------------------------------------------------
 # Running a model
 # ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class _Item:
-    task: TaskFile
-    sample: Sample
-    image: Path | None
-
-
-class _Writer:
-    """Appends one complete JSONL line per finished sample and advances the progress bar."""
-
-    def __init__(self, fh: TextIO, bar: Any) -> None:
-        self.fh, self.bar = fh, bar
-
-    def done(self, item: _Item, prediction: str, **extra: Any) -> None:
-        self._write({"id": item.sample.id, "file": item.task.name, "prediction": prediction, **extra})
-
-    def fail(self, item: _Item, error: str) -> None:
-        log.warning("%s sample %d: %s", item.task.name, item.sample.id, error)
-        self._write({"id": item.sample.id, "file": item.task.name, "prediction": "", "error": error})
-
-    def _write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.fh.flush()
-        self.bar.update(1)
+def prediction_key(row: dict) -> tuple[str, int]:
+    return row["file"], row["id"]
 
 
 def evaluate(
@@ -138,17 +108,20 @@ def evaluate(
     report_path: str | Path | None = None,
     judge: Judge | None = None,
     progress: bool = True,
+    model_spec: str | Path | None = None,
+    force: bool = False,
 ) -> dict:
     """Answer every sample of a task file (or folder of them) with `model`, then score.
 
-    Samples are grouped by image: each chunk of up to `batch_size` distinct images is encoded
-    once (`model.encode_images`) and all their prompts are answered from those features
-    (`model.generate`, up to `batch_size` prompts a call). With `mode="rank"`, classification
-    samples are answered by `model.rank(image, prompt, options)`'s best candidate instead.
-    Predictions are appended to `predictions_path` (default `out_dir/predictions.jsonl`); samples
-    already there are skipped, so an interrupted run resumes. `images_root=None` resolves image
-    names against each data file's folder; `limit` keeps the first N samples of every file.
-    Writes `report_path` (default `out_dir/report.json`) plus its Markdown twin; returns the report.
+    Generation uses the shared encode-once-ask-many loop (`somelvlm.tasks.answer`): each image is
+    encoded once and its prompts answered up to `batch_size` at a time. With `mode="rank"`,
+    classification samples are answered by `model.rank(image, prompt, options)`'s best candidate.
+    Predictions are appended to `predictions_path` (default `out_dir/predictions.jsonl`) through
+    the resumable writer (`somelvlm.tasks.output`): samples already answered are skipped, samples
+    that failed earlier are retried, and a resume with another model or other decoding options is
+    refused unless `force`. `generate_kwargs` override the model's decoding defaults (unknown
+    names are an error). `limit` keeps the first N samples of every file. Writes `report_path`
+    (default `out_dir/report.json`) plus its Markdown twin; returns the report.
     """
     if mode not in ("generate", "rank"):
         raise ValueError(f"mode must be 'generate' or 'rank', got {mode!r}")
@@ -158,93 +131,57 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_path = Path(predictions_path or out_dir / "predictions.jsonl")
     report_path = Path(report_path or out_dir / "report.json")
-    tasks = load_tasks(data)
-
-    done: Records = {}
-    if predictions_path.exists():
-        _drop_partial_line(predictions_path)
-        done = read_predictions(predictions_path, tasks)
-    pending = [
-        _Item(task, sample, _image_path(images_root, task, sample))
-        for task in tasks for sample in task.samples[:limit]
-        if sample.id not in done.get(task.name, {})
-    ]
-    ranked, generated = [], []
-    for item in pending:
-        (ranked if mode == "rank" and item.task.kind == "classification" else generated).append(item)
-
-    predictions_path.parent.mkdir(parents=True, exist_ok=True)
-    with predictions_path.open("a", encoding="utf-8") as fh, \
-            tqdm(total=len(pending), desc="eval", unit="sample", disable=not progress) as bar:
-        writer = _Writer(fh, bar)
-        _rank(model, ranked, writer)
-        _generate(model, generated, batch_size, generate_kwargs or {}, writer)
+    tasks = load_tasks(data, images_root)
+    base = getattr(model, "generation_options", None) or GenerationOptions()
+    options = base.replace(**(generate_kwargs or {}))
+    dtype = getattr(getattr(model, "llm", None), "dtype", None) or "unknown"
+    settings = RunSettings.of(model.config, dtype, model_spec, options, mode=mode)
+    with AnswerWriter(predictions_path, [t.path for t in tasks], settings, key=prediction_key, force=force) as writer:
+        pending = [(task, s) for task in tasks for s in task.samples[:limit] if (task.name, s.id) not in writer.done]
+        with logging_redirect_tqdm(), tqdm(total=len(pending), desc="eval", unit="sample",
+                                           disable=not progress) as bar:
+            record = _Recorder(writer, bar, {id(s): t for t, s in pending})
+            ranked = [s for t, s in pending if mode == "rank" and t.kind == "classification"]
+            generated = [s for t, s in pending if not (mode == "rank" and t.kind == "classification")]
+            for s in ranked:
+                record.rank(model, s)
+            answer_tasks(model, generated, options, record.done, record.fail, batch_size)
 
     report = score(data, predictions_path, limit=limit, judge=judge, tasks=tasks)
     report["settings"] = {"mode": mode, "batch_size": batch_size, "limit": limit,
-                          "generate_kwargs": generate_kwargs or {}, "predictions": str(predictions_path)}
+                          "generation_options": options.to_dict(), "predictions": str(predictions_path)}
     write_report(report, report_path)
     return report
 
 
-def _image_path(root: str | Path | None, task: TaskFile, sample: Sample) -> Path | None:
-    if sample.image is None:
-        return None
-    return Path(root if root is not None else task.path.parent) / sample.image
+class _Recorder:
+    """Writes one prediction line per finished sample and advances the progress bar."""
 
+    def __init__(self, writer: AnswerWriter, bar: Any, files: dict[int, TaskFile]) -> None:
+        self.writer, self.bar, self.files = writer, bar, files
 
-def _usable(items: Iterable[_Item], writer: _Writer) -> list[_Item]:
-    """Items whose image file exists; the others are recorded as failures."""
-    usable = []
-    for item in items:
-        if item.image is None:
-            writer.fail(item, "sample has no image")
-        elif not item.image.is_file():
-            writer.fail(item, f"image not found: {item.image}")
-        else:
-            usable.append(item)
-    return usable
+    def done(self, sample: Task, prediction: str, **extra: Any) -> None:
+        self._write({"id": sample.id, "file": self.files[id(sample)].name, "prediction": prediction, **extra})
 
+    def fail(self, sample: Task, error: str) -> None:
+        log.warning("%s: %s", sample.where, error)
+        self._write({"id": sample.id, "file": self.files[id(sample)].name, "prediction": "", "error": error})
 
-def _rank(model: Any, items: list[_Item], writer: _Writer) -> None:
-    for item in _usable(items, writer):
+    def rank(self, model: Any, sample: Task) -> None:
+        options = self.files[id(sample)].options[sample.id]
+        if sample.image is None:
+            self.fail(sample, "rank mode needs an image")
+            return
         try:
-            ranking = model.rank(str(item.image), item.sample.prompt, list(item.sample.options))
+            ranking = model.rank(str(sample.image), sample.prompt, list(options))
         except IMAGE_ERRORS as err:
-            writer.fail(item, f"unreadable image {item.image}: {err}")
-            continue
-        writer.done(item, ranking[0][0], ranking=[[c, float(s)] for c, s in ranking])
+            self.fail(sample, f"cannot use image {sample.image_label()}: {err}")
+            return
+        self.done(sample, ranking[0][0], ranking=[[c, float(s)] for c, s in ranking])
 
-
-def _generate(model: Any, items: list[_Item], batch_size: int, kwargs: dict, writer: _Writer) -> None:
-    by_image: dict[Path, list[_Item]] = {}
-    for item in _usable(items, writer):
-        by_image.setdefault(item.image, []).append(item)
-    images = list(by_image)
-    for start in range(0, len(images), batch_size):
-        for paths, features in _encode(model, images[start:start + batch_size], by_image, writer):
-            jobs = [(i, item) for i, path in enumerate(paths) for item in by_image[path]]
-            for first in range(0, len(jobs), batch_size):
-                chunk = jobs[first:first + batch_size]
-                answers = model.generate(images=features.select([i for i, _ in chunk]),
-                                         prompts=[item.sample.prompt for _, item in chunk], **kwargs)
-                if len(answers) != len(chunk):
-                    raise RuntimeError(f"model.generate returned {len(answers)} answers for {len(chunk)} prompts")
-                for (_, item), answer in zip(chunk, answers):
-                    writer.done(item, answer)
-
-
-def _encode(model: Any, paths: list[Path], by_image: dict[Path, list[_Item]],
-            writer: _Writer) -> list[tuple[list[Path], Any]]:
-    """Encode `paths` in one call; when an image is unreadable, retry one by one to isolate it."""
-    try:
-        return [(paths, model.encode_images([str(p) for p in paths]))]
-    except IMAGE_ERRORS as err:
-        if len(paths) > 1:
-            return [pair for path in paths for pair in _encode(model, [path], by_image, writer)]
-        for item in by_image[paths[0]]:
-            writer.fail(item, f"unreadable image {paths[0]}: {err}")
-        return []
+    def _write(self, row: dict) -> None:
+        self.writer.write(row)
+        self.bar.update(1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +192,7 @@ class _Scored:
     """A task file's evaluated samples with their answers (None: failed or missing)."""
 
     task: TaskFile
-    samples: tuple[Sample, ...]
+    samples: tuple[Task, ...]
     answers: list[str | None]
     failures: list[dict]
     missing: int
@@ -307,7 +244,7 @@ def _classification(scored: list[_Scored], with_options: bool) -> dict:
     golds, parsed = [], []
     for s in scored:
         golds += [sample.reference for sample in s.samples]
-        parsed += [None if a is None else parse_answer(a, sample.options) for sample, a in zip(s.samples, s.answers)]
+        parsed += [None if a is None else parse_answer(a, s.task.options[sample.id]) for sample, a in zip(s.samples, s.answers)]
     result = accuracy(golds, parsed)
     if with_options:
         result["per_option"] = option_counts(golds, parsed)

@@ -1,7 +1,8 @@
 """SoMeData task files: reading, label-option extraction, task families and answer parsing.
 
 A task file is a JSON list of ``{"text_input", "text_output", "image"}`` records (extra keys are
-ignored). A sample is a *classification* sample when its prompt lists label options, otherwise a
+ignored), read by `somelvlm.tasks.records` (its one error policy: a bad record is reported with
+FILE:LINE, skipped and counted in `TaskFile.problems`). Sample ids are 0-based record positions. A sample is a *classification* sample when its prompt lists label options, otherwise a
 *generation* sample; a file is one or the other (a file mixing both is rejected).
 
 Option lists are recognised in two forms (the option text itself is comma-separated):
@@ -22,12 +23,13 @@ A list must hold at least two distinct options.
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from ..tasks.records import Columns, Problems, Task, read_tasks
 
 TaskKind = Literal["classification", "generation"]
 
@@ -63,26 +65,22 @@ _QUOTES = "'\"`‘’“”"
 _MAX_PLAIN_OPTION_WORDS = 5
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One record of a task file; `id` is its 0-based index in the file."""
-
-    id: int
-    prompt: str
-    reference: str
-    image: str | None
-    options: tuple[str, ...] | None
+# SoMeData ids are record positions: an id column name no record has.
+COLUMNS = Columns(id="", prompt="text_input", reference="text_output")
 
 
 @dataclass(frozen=True)
 class TaskFile:
-    """A parsed task file. `name` is the JSON file name, which prediction lines refer to."""
+    """A parsed task file. `name` is the JSON file name, which prediction lines refer to;
+    `options[id]` are the label options of sample `id` (None for generation samples)."""
 
     name: str
     path: Path
     kind: TaskKind
     family: str
-    samples: tuple[Sample, ...]
+    samples: tuple[Task, ...]
+    options: dict[int, tuple[str, ...] | None] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()  # "FILE:LINE: why" of the records left out
 
 
 def extract_options(prompt: str) -> tuple[str, ...] | None:
@@ -123,34 +121,22 @@ def family_of(file_name: str) -> str:
     return FAMILIES[max(prefixes, key=len)] if prefixes else OTHER_FAMILY
 
 
-def load_task(path: str | Path) -> TaskFile:
-    """Read one task file; raises FileNotFoundError/ValueError with the file (and sample) named."""
+def load_task(path: str | Path, images_root: str | Path | None = None) -> TaskFile:
+    """Read one task file (images relative to `images_root`, default: its folder); a bad record is
+    reported and skipped. Raises FileNotFoundError/ValueError with the file named."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(records).__name__}")
-    samples = tuple(_sample(path, i, record) for i, record in enumerate(records))
-    return TaskFile(path.name, path, _kind(path, samples), family_of(path.name), samples)
+    problems = Problems()
+    samples = tuple(read_tasks(path, images_root, COLUMNS, problems, fmt="json", need_reference=True))
+    options = {s.id: extract_options(s.prompt) for s in samples}
+    return TaskFile(path.name, path, _kind(path, options), family_of(path.name), samples, options,
+                    tuple(problems.lines()))
 
 
-def _sample(path: Path, index: int, record: object) -> Sample:
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: sample {index} is not a JSON object")
-    for key in ("text_input", "text_output"):
-        if not isinstance(record.get(key), str):
-            raise ValueError(f"{path}: sample {index} has no string {key!r}")
-    image = record.get("image")
-    return Sample(index, record["text_input"], record["text_output"], image if image else None,
-                  extract_options(record["text_input"]))
-
-
-def _kind(path: Path, samples: tuple[Sample, ...]) -> TaskKind:
-    without = [s.id for s in samples if s.options is None]
+def _kind(path: Path, options: dict[int, tuple[str, ...] | None]) -> TaskKind:
+    samples = list(options)
+    without = [i for i, o in options.items() if o is None]
     if not without:
         return "classification" if samples else "generation"
     if len(without) == len(samples):
@@ -161,15 +147,15 @@ def _kind(path: Path, samples: tuple[Sample, ...]) -> TaskKind:
     )
 
 
-def load_tasks(data: str | Path) -> list[TaskFile]:
+def load_tasks(data: str | Path, images_root: str | Path | None = None) -> list[TaskFile]:
     """Read a task file, or every `*.json` file directly inside a folder (sorted by name)."""
     data = Path(data)
     if data.is_dir():
         files = sorted(data.glob("*.json"))
         if not files:
             raise FileNotFoundError(f"no *.json task files directly inside {data}")
-        return [load_task(f) for f in files]
-    return [load_task(data)]
+        return [load_task(f, images_root) for f in files]
+    return [load_task(data, images_root)]
 
 
 def normalize(text: str) -> str:

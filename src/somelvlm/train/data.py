@@ -5,9 +5,9 @@ one such record per line (extra keys are ignored). Image names are relative to a
 (default: the annotation file's folder).
 
 Bad data never stops a run and is never dropped silently:
-- at load time, a broken JSONL line, a record that is not an object, or an empty / missing
-  `text_input`, `text_output` or `image`, or an image file that does not exist, is reported
-  (file and line / index) and left out;
+- at load time, a bad record (the shared reader's rules, `somelvlm.tasks.records`), an empty /
+  missing `text_input`, `text_output` or `image`, or an image file that does not exist, is
+  reported (`FILE:LINE`) and left out;
 - at training time, an image that exists but cannot be decoded is reported and its slot in the
   batch is filled by the next readable sample, so every batch keeps its size (which keeps the
   processes of a distributed run in lock step).
@@ -16,8 +16,6 @@ Bad data never stops a run and is never dropped silently:
 
 from __future__ import annotations
 
-import json
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,100 +24,36 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..processing import SoMeLVLMProcessor, train_transform
+from ..tasks.records import Columns, Problems, Task, read_tasks
 
-log = logging.getLogger("somelvlm")
 
-FIELDS = ("text_input", "text_output", "image")
 Key = tuple[int, int]  # (epoch, sample index): the epoch seeds the image augmentation
-
-
-@dataclass(frozen=True)
-class Sample:
-    prompt: str
-    answer: str
-    image: Path
-    where: str  # "file, line 3" (JSONL) or "file, record 2" (JSON, 0-based)
-
-
-@dataclass
-class Problems:
-    """Samples left out, as `"where: why"` lines (deduplicated, in order of discovery)."""
-
-    items: dict[str, str] = field(default_factory=dict)
-    verbose: bool = True  # log each problem when first seen
-
-    def add(self, where: str, why: str) -> None:
-        if where not in self.items:
-            self.items[where] = why
-            if self.verbose:
-                log.warning("skipped %s: %s", where, why)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def lines(self) -> list[str]:
-        return [f"{w}: {why}" for w, why in self.items.items()]
+Sample = Task  # the one task-file record (`somelvlm.tasks.records`); `reference` is the target answer
+COLUMNS = Columns(prompt="text_input", reference="text_output", id="")  # ids: record positions
 
 
 # ------------------------------------------------------------------------------------------------
 # Annotation files
 # ------------------------------------------------------------------------------------------------
 def read_samples(path: str | Path, images_root: str | Path | None = None,
-                 problems: Problems | None = None) -> list[Sample]:
-    """Read a JSON or JSONL annotation file; bad records go to `problems` (see module doc).
-
-    Raises FileNotFoundError for a missing file and ValueError for a JSON file that does not parse
-    as a whole (a JSONL file is read line by line instead).
-    """
+                 problems: Problems | None = None) -> list[Task]:
+    """Read an annotation file with the shared task reader; bad records (and records whose image
+    file does not exist) go to `problems` as `FILE:LINE: why` (see the module doc)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    root = Path(images_root) if images_root is not None else path.parent
     problems = problems if problems is not None else Problems()
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); "
-                             "a JSON file must be one list, JSONL one record per line") from None
-        records = [(f"{path}, record {i}", r) for i, r in enumerate(data)]
-    else:
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                records.append((where, json.loads(line)))
-            except json.JSONDecodeError as e:
-                problems.add(where, f"not valid JSON ({e.msg})")
     samples = []
-    for where, record in records:
-        sample = _parse(record, where, root, problems)
-        if sample is not None:
-            samples.append(sample)
+    for s in read_tasks(path, images_root, COLUMNS, problems, need_reference=True, require_image=True):
+        if isinstance(s.image, Path) and not s.image.is_file():
+            problems.add(s.where, f"image not found: {s.image}")
+        else:
+            samples.append(s)
     return samples
 
 
-def _parse(record: Any, where: str, root: Path, problems: Problems) -> Sample | None:
-    if not isinstance(record, dict):
-        problems.add(where, f"expected an object with {list(FIELDS)}, got {type(record).__name__}")
-        return None
-    for key in FIELDS:
-        value = record.get(key)
-        if not isinstance(value, str) or not value.strip():
-            problems.add(where, f"{key!r} is missing or empty")
-            return None
-    image = root / record["image"]
-    if not image.is_file():
-        problems.add(where, f"image not found: {image}")
-        return None
-    return Sample(record["text_input"], record["text_output"], image, where)
-
-
 def read_all(paths: Sequence[str | Path], images_root: str | Path | None = None,
-             problems: Problems | None = None) -> list[Sample]:
+             problems: Problems | None = None) -> list[Task]:
     """`read_samples` over several files, concatenated in order."""
     return [s for p in paths for s in read_samples(p, images_root, problems)]
 
@@ -195,7 +129,7 @@ class InstructionDataset(Dataset):
             except (ValueError, FileNotFoundError, OSError) as e:
                 skipped.append((s.where, str(e)))
                 continue
-            return Example(pixels, s.prompt, s.answer, skipped)
+            return Example(pixels, s.prompt, s.reference, skipped)
         raise NoReadableImage(f"none of the {len(self.samples)} samples has a readable image "
                               f"(e.g. {skipped[0][0]}: {skipped[0][1]})")
 

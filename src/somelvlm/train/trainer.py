@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..folder import atomic_folder
-from ..loading import parse_dtype
+from ..precision import parse_dtype
 from ..lavis import lavis_state_dict
 from ..model import SoMeLVLM
 from ..processing import IGNORE_INDEX
