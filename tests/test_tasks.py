@@ -237,3 +237,30 @@ def test_keep_columns_task_template_and_parquet_output(tiny, tmp_path, images, f
     assert {r["id"]: r["answer"] for r in rows} == want
     assert {r["id"]: r["user"] for r in rows} == {"p1": "u1", "p2": "u2"}
     assert cli("generate", "--help").stdout.count("sentiment (MVSA_Single)") == 1
+
+
+def test_text_only_tasks_are_answered_apart_from_image_tasks(tiny, tmp_path, images):
+    from somelvlm.options import GenerationOptions
+    from somelvlm.tasks import answer_tasks
+
+    rows = [{"id": 1, "prompt": "a post with a photo?", "image": "a.png"}, {"id": 2, "prompt": "just text?"},
+            {"id": 3, "prompt": "more text?", "image": ""}, {"id": 4, "prompt": "photo again?", "image": "a.png"}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls, got = [], {}
+    real = type(tiny).generate
+
+    def spy(self, images=None, prompts=None, **kw):
+        calls.append((images is None, len(prompts)))
+        return real(self, images=images, prompts=prompts, **kw)
+
+    type(tiny).generate = spy
+    try:
+        answer_tasks(tiny, read_tasks(path, images), GenerationOptions(num_beams=1, max_new_tokens=4),
+                     lambda t, a: got.__setitem__(t.id, a), lambda t, e: pytest.fail(e))
+    finally:
+        type(tiny).generate = real
+    assert sorted(calls) == [(False, 2), (True, 2)]  # one text-only batch, one image batch
+    for r in rows:
+        image = str(images / r["image"]) if r.get("image") else None
+        assert got[r["id"]] == tiny.generate(image, [r["prompt"]], num_beams=1, max_new_tokens=4)[0]

@@ -159,14 +159,14 @@ def check_lengths(model: Any, options: GenerationOptions, prompts: Sequence[str]
     tok = model.require_processor().llm_tokenizer
     limit = model.config.llm.max_positions
     queries = model.query_tokens.shape[1]
-    totals = [len(tok.encode(p)) + (queries if img else 0) for p, img in zip(prompts, with_image)]
+    lengths = [len(tok.encode(p)) for p in prompts]
+    totals = [n + (queries if img else 0) for n, img in zip(lengths, with_image)]
     worst = max(range(len(totals)), key=totals.__getitem__)
     if totals[worst] >= limit:
         which = f"prompt {worst + 1} of {len(totals)}" if len(totals) > 1 else "the prompt"
         soft = f" + {queries} query tokens" if with_image[worst] else ""
-        raise ValueError(f"{which} is too long: {totals[worst] - (queries if with_image[worst] else 0)} tokens{soft} "
-                         f"leave no room for an answer in the model's {limit} positions (LAVIS does not "
-                         "truncate prompts at generation); shorten it")
+        raise ValueError(f"{which} is too long: {lengths[worst]} tokens{soft} leave no room for an answer in the "
+                         f"model's {limit} positions (LAVIS does not truncate prompts at generation); shorten it")
     options.validate(max_positions=limit, prompt_tokens=totals[worst])
 
 

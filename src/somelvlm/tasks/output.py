@@ -65,8 +65,12 @@ class RunSettings:
         """Settings of a model (`config`, compute `dtype`, loaded from `model_spec`) decoding with
         `options` (`GenerationOptions`); `job` adds what else shapes the answers."""
         text = json.dumps(config.to_dict(), sort_keys=True, default=str)
-        spec = "tiny" if model_spec in (None, "tiny") else str(Path(model_spec).resolve()) \
-            if Path(model_spec).exists() else str(model_spec)
+        if model_spec is None:  # the Python API without a name: the config hash still identifies it
+            spec = "(not given)"
+        elif model_spec == "tiny" or not Path(model_spec).exists():  # the built-in model, or a Hub id
+            spec = str(model_spec)
+        else:
+            spec = str(Path(model_spec).resolve())
         return cls(spec, hashlib.sha256(text.encode()).hexdigest()[:16], str(dtype).removeprefix("torch."),
                    options.to_dict(), dict(job), __version__)
 

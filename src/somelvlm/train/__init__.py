@@ -13,16 +13,18 @@ import argparse
 from dataclasses import fields
 from typing import Sequence
 
+from ..console import run_command, setup_logging
+from .checkpoint import Diverged
 from .data import (Batch, Collator, EpochBatchSampler, InstructionDataset, Problems, Sample, read_samples,
                    train_dataset)
 from .lora import DEFAULT_TARGETS, add_lora, merge_lora
-from ..console import run_command, setup_logging
-from .checkpoint import Diverged
-from .trainer import FinetuneConfig, build_model, frozen_dtype, lr_at, mixed_precision, param_groups, token_nll, train
+from .trainer import (FinetuneConfig, build_model, frozen_dtype, lr_at, mixed_precision, param_groups, token_nll,
+                      train)
 
 __all__ = ["add_parser", "run", "main", "train", "FinetuneConfig", "Diverged", "build_model", "mixed_precision",
-           "frozen_dtype", "param_groups", "lr_at", "token_nll", "read_samples", "Sample", "Problems", "InstructionDataset", "train_dataset",
-           "Collator", "Batch", "EpochBatchSampler", "add_lora", "merge_lora", "DEFAULT_TARGETS"]
+           "frozen_dtype", "param_groups", "lr_at", "token_nll", "read_samples", "Sample", "Problems",
+           "InstructionDataset", "train_dataset", "Collator", "Batch", "EpochBatchSampler", "add_lora", "merge_lora",
+           "DEFAULT_TARGETS"]
 
 
 def configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

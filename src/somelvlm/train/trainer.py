@@ -14,7 +14,11 @@ final/                        a complete model folder (`SoMeLVLM.from_pretrained
                               + checkpoint.pth (LAVIS format) with --lavis-checkpoint
 lora-adapter/                 with --lora: the adapters alone (peft format)
 skipped.txt                   every sample left out, with file and line / record
+diverged/step-N/              after a non-finite loss: the checkpoint whose weights gave it
 ```
+A run stops (`Diverged`, no `final/`) when the loss, the learning rate or the weights stop being
+finite; a checkpoint counts as good once the next step's loss is finite, and only then are older
+ones rotated out.
 """
 
 from __future__ import annotations
@@ -601,9 +605,9 @@ def train(cfg: FinetuneConfig) -> Path:
                 logger.write(record)
                 curve[1:] = [(state.step, mean_loss)]
                 bar.set_postfix(loss=f"{mean_loss:.4f}", samples_s=f"{rate:.1f}")
-                if cfg.no_progress:
-                    accelerator.print(f"step {state.step}/{total}: loss {mean_loss:.4f}, lr {lr:.3g}, "
-                                      f"{rate:.1f} samples/s", flush=True)
+                if cfg.no_progress and main:
+                    tqdm.write(f"step {state.step}/{total}: loss {mean_loss:.4f}, lr {lr:.3g}, "
+                               f"{rate:.1f} samples/s")
                 win_loss, win_n, win_samples, t0 = torch.zeros_like(win_loss), 0, 0, time.perf_counter()
             if state.step % cfg.save_every == 0 or state.step == total:
                 unchecked = save_checkpoint(accelerator, model, optimizer, scheduler, state, run, trainable,
@@ -612,8 +616,9 @@ def train(cfg: FinetuneConfig) -> Path:
                     losses = {name: evaluate(accelerator, model, ds, collate, cfg.batch_size)
                               for name, ds in eval_sets.items()}
                     logger.write({"step": state.step, "eval_loss": losses})
-                    accelerator.print(f"step {state.step}: eval loss " +
-                                      ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+                    if main:  # above the progress bar, not inside it
+                        tqdm.write(f"step {state.step}: eval loss " +
+                                   ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
                     model.train()
                     net.train()
                 t0 = time.perf_counter()
