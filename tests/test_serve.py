@@ -5,6 +5,7 @@ batching is visible in /metrics)."""
 from __future__ import annotations
 
 import functools
+import json
 import http.server
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -239,6 +240,32 @@ def test_concurrent_requests_batch_and_equal_alone(server, remote_site):
     assert after["batches"] - before["batches"] < 28, after  # some requests shared a generate call
     assert after["max_batch_size"] > 1
     assert after["images_encoded"] == before["images_encoded"]  # all three images came from the cache
+
+
+def _stream_text(server, body: dict) -> str:
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json={**body, "stream": True}, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_concurrent_streams_batch_and_equal_alone(server):
+    """12 simultaneous greedy streams decode in shared batches; each streamed answer equals the same
+    request answered alone without streaming."""
+    images = [data_url(RED), data_url(BLUE), None]
+    bodies = [{"messages": user(p, images[i % 3]), "max_tokens": 6, "temperature": 0}
+              for i, p in enumerate(["What is shown?", "Describe the post.", "Hashtags?", "Hate speech?"])]
+    alone = [post(server, b).json()["choices"][0]["message"]["content"] for b in bodies]
+    before = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    with ThreadPoolExecutor(12) as pool:
+        streamed = list(pool.map(lambda i: _stream_text(server, bodies[i % 4]), range(12)))
+    assert streamed == [alone[i % 4] for i in range(12)]
+    after = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert after["requests"] - before["requests"] == 12
+    assert after["batches"] - before["batches"] < 12, after
 
 
 def _request_image(data: bytes):

@@ -6,9 +6,10 @@ One worker thread owns the model. It takes the first waiting job, keeps collecti
 together; a seeded sampling request decodes alone, so its answer is reproducible) and runs one
 `model.generate` per group (posts with and without an image together) over `ImageFeatures` built
 from a features cache keyed by the SHA-256 of the image bytes: an image repeated across requests is
-encoded once. Streaming requests with
-one beam run on `generate_stream`, one at a time between batches. When a batch fails, each of its
-jobs is retried alone, so one failing request never breaks the others.
+encoded once. Streaming requests with one beam batch the same way, each row's pieces going to
+its own client as they are produced (`generate_stream`'s text rule per row). When a batch fails,
+each of its jobs that has not streamed anything yet is retried alone, so one failing request never
+breaks the others.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from ..generation import NO_IMAGE, ImageFeatures
+from ..decoding import LlamaDecoder
+from ..generation import NO_IMAGE, ImageFeatures, llm_generate_inputs, sampling_settings, stream_options, stream_text
 from ..options import GenerationOptions
 from .images import RequestImage
 from .protocol import Answer
@@ -45,15 +47,44 @@ class Job:
     deliver: Callable[[str, Any], None]
     stream: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    streamed: bool = False  # pieces were delivered: a retry would repeat them
 
     def batch_key(self) -> Any:
-        alone = self.options.seed is not None and not self.options.greedy
-        if alone or self.streams_pieces():
-            return id(self)
-        return self.options  # posts with and without an image decode together
+        if self.options.seed is not None and not self.options.greedy:
+            return id(self)  # seeded sampling decodes alone: its answer is reproducible
+        return self.options, self.streams_pieces()  # posts with and without an image decode together
 
     def streams_pieces(self) -> bool:
         return self.stream and self.options.num_beams == 1 and self.options.num_return_sequences == 1
+
+
+class RowTokens:
+    """Per-row views of a batched decode (`[B]` token tensors per step): row i's iterator yields
+    `[token]` lists up to and including its end of sequence; pulling a step for one row buffers the
+    other rows' tokens, so rows can be consumed at different paces."""
+
+    def __init__(self, steps: Iterator[torch.Tensor], rows: int, eos_id: int) -> None:
+        self.steps = iter(steps)
+        self.buffers: list[deque[int]] = [deque() for _ in range(rows)]
+        self.eos_id = eos_id
+        self.done = False
+
+    def _pull(self) -> bool:
+        step = next(self.steps, None)
+        if step is None:
+            self.done = True
+            return False
+        for buffer, token in zip(self.buffers, step.tolist()):
+            buffer.append(token)
+        return True
+
+    def tokens(self, row: int) -> Iterator[list[int]]:
+        buffer = self.buffers[row]
+        while buffer or (not self.done and self._pull()):
+            token = buffer.popleft()
+            yield [token]
+            if token == self.eos_id:
+                return
 
 
 class FeatureCache:
@@ -176,7 +207,11 @@ class Batcher:
                 return
             log.warning("batch of %d failed (%s); retrying its requests one by one", len(jobs), e)
             for job in jobs:
-                self._run_group([job])
+                if job.streamed:
+                    self.failures += 1
+                    job.deliver("error", e)
+                else:
+                    self._run_group([job])
             return
         for job, answers in zip(jobs, results):
             job.deliver("done", answers)
@@ -189,19 +224,32 @@ class Batcher:
         log.info("batch of %d request(s): %d with an image, %d image(s) encoded", len(jobs),
                  sum(j.image is not None for j in jobs), encoded)
         if jobs[0].streams_pieces():
-            return [self._stream(jobs[0], feats)]
+            return self._stream(jobs, feats)
         texts = model.generate(feats, [j.prompt for j in jobs], options=options)
         n = options.num_return_sequences
         return [[self.answer(t, options) for t in texts[i * n:(i + 1) * n]] for i in range(len(jobs))]
 
-    def _stream(self, job: Job, feats: ImageFeatures | None) -> list[Answer]:
-        pieces = []
-        for piece in self.model.generate_stream(feats, job.prompt, options=job.options):
-            if job.cancelled.is_set():
-                break
-            pieces.append(piece)
-            job.deliver("piece", piece)
-        return [self.answer("".join(pieces), job.options)]
+    def _stream(self, jobs: list[Job], feats: ImageFeatures | None) -> list[list[Answer]]:
+        """One batched decode whose rows stream to their own clients (`generate_stream`'s pieces per row)."""
+        model = self.model
+        options = stream_options(jobs[0].options)
+        decode = model.require_processor().llm_tokenizer.decode
+        texts = [""] * len(jobs)
+        with torch.inference_mode():
+            inputs, mask = llm_generate_inputs(model, feats, [j.prompt for j in jobs])
+            steps = LlamaDecoder(model.llm).decode(inputs, mask, sampling_settings(model, options))
+            rows = RowTokens(steps, len(jobs), model.config.llm.eos_id)
+            pieces = {i: stream_text(decode, rows.tokens(i)) for i in range(len(jobs))}
+            while pieces:
+                for i in list(pieces):
+                    piece = next(pieces[i], None)
+                    if piece is None or jobs[i].cancelled.is_set():
+                        del pieces[i]
+                        continue
+                    texts[i] += piece
+                    jobs[i].streamed = True
+                    jobs[i].deliver("piece", piece)
+        return [[self.answer(t, options)] for t in texts]
 
     def answer(self, text: str, options: GenerationOptions) -> Answer:
         """An `Answer` whose token count is the re-tokenised text (+1 for the closing `</s>` when the
