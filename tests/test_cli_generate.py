@@ -16,6 +16,7 @@ from PIL import Image
 
 from somelvlm import SoMeLVLM
 from somelvlm.cli import main
+from somelvlm.decoding import Flight
 from somelvlm.processing import SAMPLE_IMAGE, asset_path
 
 IMG = str(asset_path(SAMPLE_IMAGE))
@@ -115,28 +116,28 @@ def test_resume_after_interruption(tiny, images, tmp_path, monkeypatch):
     tasks = write_jsonl(tmp_path / "tasks.jsonl", rows)
     out = tmp_path / "answers.jsonl"
     monkeypatch.setattr(SoMeLVLM, "load", classmethod(lambda cls, *a, **k: tiny))
-    real = SoMeLVLM.generate
+    real = Flight.step
     calls = {"n": 0}
 
-    def flaky(self, *a, **k):
+    def flaky(self, *a, **k):  # Ctrl-C in the middle of decoding, after some answers were written
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 13:
             raise KeyboardInterrupt
         return real(self, *a, **k)
 
-    monkeypatch.setattr(SoMeLVLM, "generate", flaky)
+    monkeypatch.setattr(Flight, "step", flaky)
     args = ["generate", "--input", str(tasks), "--output", str(out), "--images-root", str(images),
             "--batch-size", "2", "--no-progress", *FAST]
     assert main(args) == 130
     first = read_jsonl(out)
-    assert len(first) == 4
+    assert 1 <= len(first) < 9
     with out.open("a") as f:
         f.write('{"id": 99, "answ')  # a line cut by the kill
-    monkeypatch.setattr(SoMeLVLM, "generate", real)
+    monkeypatch.setattr(Flight, "step", real)
     assert main(args) == 0
     final = read_jsonl(out)
     assert sorted(r["id"] for r in final) == list(range(9))  # nothing lost, nothing twice
-    assert final[:4] == first
+    assert final[:len(first)] == first
 
 
 def test_resume_after_sigkill(images, tmp_path):

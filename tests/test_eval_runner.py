@@ -13,6 +13,7 @@ from PIL import Image
 
 from somelvlm import SoMeLVLM, cli
 from somelvlm.evaluate.runner import evaluate
+from somelvlm.tasks import answer as answer_module
 
 CLS_IMAGES = ["a.jpg", "a.jpg", "b.jpg", "c.jpg", "b.jpg", "a.jpg"]
 CLS_GOLDS = ["male", "female", "female", "male", "male", "female"]
@@ -27,24 +28,26 @@ def tiny():
 
 
 class Spy:
-    """Records the real model's vision batches and generate calls (the real methods do the work)."""
+    """Records the real model's vision batches and each answer the answering loop's scheduler gives
+    (the real code does the work); `stop_after` answers, a Ctrl-C."""
 
     def __init__(self, model, monkeypatch, stop_after: int | None = None) -> None:
         self.vision, self.generated = [], []
-        real_forward, real_generate = model.vision.forward, type(model).generate
+        real_forward, real_stream = model.vision.forward, answer_module.answer_stream
 
         def forward(x):
             self.vision.append(x.shape[0])
             return real_forward(x)
 
-        def generate(this, images=None, prompts=None, **kw):
-            if len(self.generated) == stop_after:
-                raise KeyboardInterrupt
-            self.generated.append(list(prompts))
-            return real_generate(this, images=images, prompts=prompts, **kw)
+        def answer_stream(model, requests, max_batch=8):
+            for key, answers in real_stream(model, requests, max_batch):
+                if len(self.generated) == stop_after:
+                    raise KeyboardInterrupt
+                self.generated.append(answers)
+                yield key, answers
 
         monkeypatch.setattr(model.vision, "forward", forward)
-        monkeypatch.setattr(type(model), "generate", generate)
+        monkeypatch.setattr(answer_module, "answer_stream", answer_stream)
 
 
 def expected(model, data: Path, images: Path) -> dict:
@@ -91,7 +94,7 @@ def test_each_image_encoded_once_and_prompts_batched(setup, tiny, monkeypatch):
     spy = Spy(tiny, monkeypatch)
     report = evaluate(tiny, data, images, out, batch_size=2, generate_kwargs=OPTS, progress=False)
     assert sum(spy.vision) == 4 and all(n <= 2 for n in spy.vision)  # four images, each encoded once
-    assert all(1 <= len(call) <= 2 for call in spy.generated)
+    assert len(spy.generated) == 10  # every prompt answered once
     preds = {(r["file"], r["id"]): r["prediction"] for r in _lines(out / "predictions.jsonl")}
     assert preds == want
     assert report["files"]["PAN_test.json"]["failed"] == 0
@@ -102,18 +105,18 @@ def test_each_image_encoded_once_and_prompts_batched(setup, tiny, monkeypatch):
 
 def test_resume_after_interruption(setup, tiny, monkeypatch):
     data, images, out = setup
-    Spy(tiny, monkeypatch, stop_after=2)
+    Spy(tiny, monkeypatch, stop_after=4)
     with pytest.raises(KeyboardInterrupt):
         evaluate(tiny, data, images, out, batch_size=2, generate_kwargs=OPTS, progress=False)
     preds = out / "predictions.jsonl"
-    assert len(_lines(preds)) == 4  # two finished generate calls of two prompts
+    assert len(_lines(preds)) == 4  # the four answers given before the interruption
     with preds.open("a") as fh:
         fh.write('{"id": 5, "file": "PAN_te')  # a write cut short by the interruption
     monkeypatch.undo()
     second = Spy(tiny, monkeypatch)
     evaluate(tiny, data, images, out, batch_size=2, generate_kwargs=OPTS, progress=False)
     assert sorted(_keys(preds)) == ALL_KEYS  # nothing lost, nothing twice
-    assert sum(len(c) for c in second.generated) == 6
+    assert len(second.generated) == 6
     third = Spy(tiny, monkeypatch)
     evaluate(tiny, data, images, out, batch_size=2, generate_kwargs=OPTS, progress=False)
     assert third.vision == [] and third.generated == [] and len(_lines(preds)) == 10

@@ -247,20 +247,24 @@ def test_text_only_tasks_are_answered_apart_from_image_tasks(tiny, tmp_path, ima
             {"id": 3, "prompt": "more text?", "image": ""}, {"id": 4, "prompt": "photo again?", "image": "a.png"}]
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    calls, got = [], {}
-    real = type(tiny).generate
+    from somelvlm.tasks import answer as answer_module
 
-    def spy(self, images=None, prompts=None, **kw):
-        calls.append((images is None, len(prompts)))
-        return real(self, images=images, prompts=prompts, **kw)
+    seen, got = [], {}
+    real = answer_module.answer_stream
 
-    type(tiny).generate = spy
+    def spy(model, requests, max_batch=8):  # what the loop hands the scheduler
+        return real(model, (seen.append(r) or r for r in requests), max_batch)
+
+    answer_module.answer_stream = spy
     try:
         answer_tasks(tiny, read_tasks(path, images), GenerationOptions(num_beams=1, max_new_tokens=4),
                      lambda t, a: got.__setitem__(t.id, a), lambda t, e: pytest.fail(e))
     finally:
-        type(tiny).generate = real
-    assert sorted(calls) == [(False, 2), (True, 2)]  # one text-only batch, one image batch
+        answer_module.answer_stream = real
+    # text-only posts first, without a soft prompt; both photo posts share one encoded image
+    assert [(r.prompt, r.image is None) for r in seen] == [("just text?", True), ("more text?", True),
+                                                           ("a post with a photo?", False), ("photo again?", False)]
+    assert seen[2].image.embeds is seen[3].image.embeds
     for r in rows:
         image = str(images / r["image"]) if r.get("image") else None
         assert got[r["id"]] == tiny.generate(image, [r["prompt"]], num_beams=1, max_new_tokens=4)[0]

@@ -1,20 +1,24 @@
-"""The encode-once-ask-many answering loop: every image through the vision tower once, prompts in batches.
+"""The encode-once-ask-many answering loop: every image through the vision tower once, prompts
+decoded with continuous batching.
 
 Used by `generate --input`, `eval` and the scale-out engines. Tasks are grouped by image; up to
-`batch_size` distinct images are encoded per vision call and their prompts answered `batch_size`
-at a time from the shared features. Text-only tasks (no image) are answered apart, in their own
-batches (`model.generate(images=None, ...)`). An image that is missing or cannot be decoded fails
-only the tasks that show it (reported through `on_error`), never the run.
+`batch_size` distinct images are encoded per vision call, and their prompts are fed to
+`scheduler.answer_stream`, which keeps up to `batch_size` prompts in flight and admits the next one
+as soon as another finishes (so an answer equals that task answered alone, whatever the batch
+size). Images are encoded lazily, a chunk at a time, as the scheduler asks for more prompts.
+Text-only tasks (no image) go first, without a soft prompt. An image that is missing or cannot be
+decoded fails only the tasks that show it (reported through `on_error`), never the run.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from ..generation import ImageFeatures
 from ..options import GenerationOptions
+from ..scheduler import Request, answer_stream
 from .records import IMAGE_ERRORS, Task
 
 OnAnswer = Callable[[Task, str], None]
@@ -42,25 +46,22 @@ def answer_tasks(model: Any, tasks: Sequence[Task], options: GenerationOptions, 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     groups, text_only = group_by_image(tasks)
-    for i in range(0, len(text_only), batch_size):
-        chunk = text_only[i:i + batch_size]
-        _answer(model, None, chunk, options, on_answer)
-    keys = list(groups)
-    for i in range(0, len(keys), batch_size):
-        encoded = _encode(model, keys[i:i + batch_size], groups, images or {}, on_error)
-        jobs = [(row, t) for row, key in enumerate(encoded.keys) for t in groups[key]]
-        for j in range(0, len(jobs), batch_size):
-            chunk = jobs[j:j + batch_size]
-            _answer(model, encoded.features.select([row for row, _ in chunk]), [t for _, t in chunk],
-                    options, on_answer)
+    pending: dict[int, Task] = {}
 
+    def requests() -> Iterator[Request]:
+        for t in text_only:
+            pending[len(pending)] = t
+            yield Request(len(pending) - 1, t.prompt, None, options)
+        keys = list(groups)
+        for i in range(0, len(keys), batch_size):
+            encoded = _encode(model, keys[i:i + batch_size], groups, images or {}, on_error)
+            for row, key in enumerate(encoded.keys):
+                for t in groups[key]:
+                    pending[len(pending)] = t
+                    yield Request(len(pending) - 1, t.prompt, encoded.features.select([row]), options)
 
-def _answer(model: Any, features: Any, chunk: list[Task], options: GenerationOptions, on_answer: OnAnswer) -> None:
-    answers = model.generate(images=features, prompts=[t.prompt for t in chunk], **options.to_dict())
-    if len(answers) != len(chunk):
-        raise RuntimeError(f"model.generate returned {len(answers)} answers for {len(chunk)} prompts")
-    for t, a in zip(chunk, answers):
-        on_answer(t, a)
+    for key, answers in answer_stream(model, requests(), max_batch=batch_size):
+        on_answer(pending.pop(key), answers[0])
 
 
 class _Encoded:
