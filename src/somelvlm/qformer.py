@@ -77,15 +77,18 @@ class SelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(B, L, self.heads * self.head_dim)  # [B, Lq, H]
 
 
-class SelfOutput(nn.Module):
-    def __init__(self, cfg: QFormerConfig) -> None:
+class ResidualOutput(nn.Module):
+    """BERT's output sublayer, `LayerNorm(dropout(dense(x)) + residual)`: `BertSelfOutput` after
+    attention (`width` = hidden) and `BertOutput` after the feed-forward (`width` = ffn)."""
+
+    def __init__(self, cfg: QFormerConfig, width: int) -> None:
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dense = nn.Linear(width, cfg.hidden)
         self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)  # [B, L, hidden]
 
 
 class AttentionBlock(nn.Module):
@@ -93,7 +96,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         # LAVIS names this submodule `self`; keep it so the key map stays a prefix rename.
         self.add_module("self", SelfAttention(cfg, kv_width, exact))
-        self.output = SelfOutput(cfg)
+        self.output = ResidualOutput(cfg, cfg.hidden)
 
     def forward(self, h: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None,
                 kv_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,17 +113,6 @@ class Intermediate(nn.Module):
         return F.gelu(self.dense(x))  # exact erf GELU (BERT "gelu")
 
 
-class Output(nn.Module):
-    def __init__(self, cfg: QFormerConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(cfg.ffn, cfg.hidden)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
-
-
 class Layer(nn.Module):
     def __init__(self, cfg: QFormerConfig, index: int, encoder_width: int, exact: bool = False) -> None:
         super().__init__()
@@ -129,9 +121,9 @@ class Layer(nn.Module):
         if self.has_cross_attention:
             self.crossattention = AttentionBlock(cfg, encoder_width, exact)
         self.intermediate = Intermediate(cfg)
-        self.output = Output(cfg)
+        self.output = ResidualOutput(cfg, cfg.ffn)
         self.intermediate_query = Intermediate(cfg)
-        self.output_query = Output(cfg)
+        self.output_query = ResidualOutput(cfg, cfg.ffn)
 
     def forward(
         self, h: torch.Tensor, mask: torch.Tensor | None, image_embeds: torch.Tensor, num_queries: int,
