@@ -225,8 +225,6 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--input and --output go together")
     if args.input is not None and (args.image or args.prompt):
         raise ValueError("use either --input/--output or --image/--prompt")
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be at least 1")
     overrides = decoding_overrides(args)
     if args.input is not None:
         return engines_cli.run(args, overrides, lambda device: load_model(
@@ -297,7 +295,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["generate", "rank"], default="generate",
                    help="rank: answer classification prompts by ranking their options (default: generate)")
     p.add_argument("--batch-size", type=_positive_int, default=8,
-                   help="distinct images per encode call and prompts per generate call (default: 8)")
+                   help="distinct images per vision call and prompts decoded at once: a finished answer's place "
+                        "goes to the next prompt (default: 8)")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples of each file")
     add_decoding_options(p)
     p.add_argument("--generate-kwargs", type=_json_object, default={},

@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                "resumable; its settings are recorded in OUTPUT.somelvlm.json")
     g.add_argument("--images-root", type=Path, help="folder the tasks' image names are relative to "
                                                     "(default: the task file's folder)")
-    g.add_argument("--batch-size", type=int, default=8, help="distinct images per vision call and prompts per "
-                                                             "generate call (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=8, help="distinct images per vision call and prompts decoded "
+                        "at once: a finished answer's place goes to the next prompt (default: %(default)s)")
     g.add_argument("--prompt-column", help="column with the prompt (default: 'prompt' or 'text_input'); with "
                                            "--task, the column with the post's text")
     g.add_argument("--image-column", help="column with the image file name or bytes (default: 'image'); "
