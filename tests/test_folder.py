@@ -16,9 +16,11 @@ from reference import TINY_PIECES, hf_input_ids
 from somelvlm import SoMeLVLM
 from somelvlm.cli import main as cli_main
 from somelvlm.convert import convert_lavis
+from somelvlm.processing import SAMPLE_IMAGE, asset_path
 from somelvlm.weights import WeightsError
 
 ATOL, RTOL = 1e-5, 1e-5
+IMG = str(asset_path(SAMPLE_IMAGE))
 
 
 @pytest.fixture(scope="module")
@@ -265,3 +267,14 @@ def test_hf_hub_layout_with_extra_vocab_rows(tmp_path, batch):
                     qformer_attention_mask=batch["qformer_attention_mask"],
                     input_ids=hf_input_ids(8, batch["input_ids"])).logits
     assert_close(logits(ours, batch), theirs[..., :TINY_PIECES + 1], atol=ATOL, rtol=RTOL)
+
+
+def test_cli_generate_with_device_map(converted, capsys):
+    """`--device-map auto` loads through accelerate's placement (all on the CPU here) and answers
+    exactly as the plain load does."""
+    out, _ = converted
+    args = ["generate", "--model", str(out), "--image", IMG, "--prompt", "what is it?", "--max-new-tokens", "4"]
+    assert cli_main(args + ["--device-map", "auto"]) == 0
+    with_map = capsys.readouterr().out
+    assert cli_main(args) == 0
+    assert with_map == capsys.readouterr().out and with_map.strip()

@@ -64,6 +64,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="compute dtype (default: fp32 on CPU; on GPU fp16, the connection module fp32)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when usable, else cpu)")
+    g.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"), default=None,
+                   help="spread the model over all visible GPUs (and CPU memory) with accelerate, instead of "
+                        "--device")
 
 
 def add_decoding_options(p: argparse.ArgumentParser) -> None:
@@ -93,6 +96,10 @@ def decoding_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_model(args: argparse.Namespace) -> SoMeLVLM:
     """The model `--model/--dtype/--device` name (the device is checked first)."""
+    if getattr(args, "device_map", None) is not None:
+        if args.device is not None:
+            raise ValueError("give --device or --device-map, not both")
+        return SoMeLVLM.load(args.model, dtype=args.dtype, device_map=args.device_map)
     return SoMeLVLM.load(args.model, dtype=args.dtype, device=resolve_device(args.device))
 
 
@@ -227,8 +234,8 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("use either --input/--output or --image/--prompt")
     overrides = decoding_overrides(args)
     if args.input is not None:
-        return engines_cli.run(args, overrides, lambda device: load_model(
-            args if device is None else argparse.Namespace(**{**vars(args), "device": str(device)})))
+        return engines_cli.run(args, overrides, lambda device: load_model(  # device: this process's
+            args if device is None or args.device_map else argparse.Namespace(**{**vars(args), "device": str(device)})))
     demo = args.image is None and args.prompt is None and args.model in (None, "tiny")
     if args.image is None and args.prompt is None and not demo:
         raise ValueError("--prompt is required (with --image for a post with an image), or --input/--output")

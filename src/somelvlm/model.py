@@ -99,15 +99,18 @@ class SoMeLVLM(nn.Module):
 
     @classmethod
     def load(cls, spec: PathLike | None = "tiny", dtype: torch.dtype | str | None = None,
-             device: str | torch.device | None = None) -> "SoMeLVLM":
+             device: str | torch.device | None = None, device_map: Any = None) -> "SoMeLVLM":
         """What `--model` accepts: `"tiny"` (the built-in random demo model, with a warning), a somelvlm
-        folder, an HF InstructBLIP folder, the released LAVIS layout, or a Hub id of any of them."""
+        folder, an HF InstructBLIP folder, the released LAVIS layout, or a Hub id of any of them.
+        `device_map` ("auto", "balanced", "sequential" or a dict) spreads a model over several devices."""
+        if spec in (None, "tiny") and device_map is not None:
+            raise ValueError("--device-map needs a model folder or Hub id; the tiny model fits one device")
         if spec in (None, "tiny"):
             log.warning("using the built-in 'tiny' model with RANDOM weights: its answers are meaningless; "
                         "pass a converted model folder for real answers")
             model = cls.from_config("tiny").to_dtype(resolve_dtype(dtype, device))  # the one "auto" rule
             return model.to(device) if device is not None else model
-        return cls.from_pretrained(spec, dtype=dtype, device=device)
+        return cls.from_pretrained(spec, dtype=dtype, device=device, device_map=device_map)
 
     @classmethod
     def from_lavis(
