@@ -47,6 +47,8 @@ CASES = [
     ("input_without_output", ["generate", "--input", "{TASKS}"], 1, "--input and --output go together"),
     ("input_missing", ["generate", "--input", "{TMP}/none.jsonl", "--output", "{TMP}/o.jsonl"], 1,
      "tasks file not found"),
+    ("num_workers_negative", ["generate", "--input", "{TASKS}", "--output", "{TMP}/o.jsonl", "--num-workers", "-1"],
+     1, "--num-workers must be >= 0"),
     ("eval_data_missing", ["eval", "--data", "{TMP}/none.json", "--out", "{TMP}/r.json"], 1, "data file not found"),
     ("eval_bad_judge", ["eval", "--data", "{TMP}/data", "--out", "{TMP}/r.json", "--judge", "nojudge"], 1,
      "--judge must look like MODULE:FUNCTION"),

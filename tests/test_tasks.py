@@ -268,3 +268,26 @@ def test_text_only_tasks_are_answered_apart_from_image_tasks(tiny, tmp_path, ima
     for r in rows:
         image = str(images / r["image"]) if r.get("image") else None
         assert got[r["id"]] == tiny.generate(image, [r["prompt"]], num_beams=1, max_new_tokens=4)[0]
+
+
+def test_images_decoded_ahead_in_workers_give_the_same_answers(tiny, tmp_path, images):
+    """--num-workers: images decoded and preprocessed by DataLoader worker processes, a broken one
+    failing only its own tasks; answers identical to decoding in this process."""
+    from somelvlm.options import GenerationOptions
+    from somelvlm.tasks import answer_tasks
+
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [{"id": i, "prompt": f"question {i}?", "image": name}
+            for i, name in enumerate(["a.png", "b.png", "broken.png", "a.png", "b.png"])]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = []
+    for workers in (0, 2):
+        got, failed = {}, {}
+        answer_tasks(tiny, read_tasks(path, images), GenerationOptions(num_beams=2, max_new_tokens=4),
+                     lambda t, a: got.__setitem__(t.id, a), lambda t, e: failed.__setitem__(t.id, e),
+                     batch_size=2, num_workers=workers)
+        results.append((got, failed))
+    assert results[0] == results[1]
+    got, failed = results[1]
+    assert sorted(got) == [0, 1, 3, 4] and list(failed) == [2] and "broken.png" in failed[2]

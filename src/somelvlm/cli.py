@@ -305,6 +305,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="distinct images per vision call and prompts decoded at once: a finished answer's place "
                         "goes to the next prompt (default: 8)")
     p.add_argument("--limit", type=_positive_int, help="evaluate only the first N samples of each file")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="processes that decode images ahead of the model (default: 2 on a GPU, else 0)")
     add_decoding_options(p)
     p.add_argument("--generate-kwargs", type=_json_object, default={},
                    help='more decoding options as JSON, e.g. \'{"top_p": 0.9}\' (names as in --help)')
@@ -328,13 +330,15 @@ def run_eval(args: argparse.Namespace) -> int:
         write_report(report, out)
     else:
         require_file(args.images_root, "images folder")
+        if args.num_workers is not None and args.num_workers < 0:
+            raise ValueError("--num-workers must be >= 0")
         overrides = decoding_overrides(args) | _checked_kwargs(args.generate_kwargs)
         args.model = args.model or "tiny"
         report = evaluate(load_model(args), args.data, args.images_root, out.parent, mode=args.mode,
                           batch_size=args.batch_size, generate_kwargs=overrides, limit=args.limit,
                           predictions_path=args.predictions or out.with_name(f"{out.stem}.predictions.jsonl"),
                           report_path=out, judge=judge, progress=not args.no_progress, model_spec=args.model,
-                          force=args.force)
+                          force=args.force, num_workers=args.num_workers)
     print(f"wrote {out} and {out.with_suffix('.md')}: {_summary(report)}", file=sys.stderr)
     return 0
 

@@ -30,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                     "(default: the task file's folder)")
     g.add_argument("--batch-size", type=int, default=8, help="distinct images per vision call and prompts decoded "
                         "at once: a finished answer's place goes to the next prompt (default: %(default)s)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="processes that decode images ahead of the model (default: 2 on a GPU, else 0)")
     g.add_argument("--prompt-column", help="column with the prompt (default: 'prompt' or 'text_input'); with "
                                            "--task, the column with the post's text")
     g.add_argument("--image-column", help="column with the image file name or bytes (default: 'image'); "
@@ -52,6 +54,8 @@ def job_spec(args: argparse.Namespace, options: GenerationOptions) -> JobSpec:
     """Validate the task-file options (before any model is loaded) and build the job."""
     if args.batch_size < 1:
         raise ValueError("--batch-size must be at least 1")
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ValueError("--num-workers must be >= 0")
     if args.ray_actors < 1:
         raise ValueError("--ray-actors must be at least 1")
     if not args.input.is_file():
@@ -61,7 +65,7 @@ def job_spec(args: argparse.Namespace, options: GenerationOptions) -> JobSpec:
     keep = tuple(c.strip() for c in args.keep_columns.split(",") if c.strip())
     columns = Columns(prompt=args.prompt_column, image=args.image_column, id=args.id_column, keep=keep)
     spec = JobSpec(args.input, args.output, args.images_root, columns, args.task, args.batch_size, options,
-                   args.input_format, args.output_format)
+                   args.input_format, args.output_format, args.num_workers)
     if args.task:
         template(args.task)  # an unknown name fails here, listing the known ones
     check_output(spec.output, [spec.input])

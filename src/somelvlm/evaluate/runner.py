@@ -110,6 +110,7 @@ def evaluate(
     progress: bool = True,
     model_spec: str | Path | None = None,
     force: bool = False,
+    num_workers: int | None = None,
 ) -> dict:
     """Answer every sample of a task file (or folder of them) with `model`, then score.
 
@@ -120,7 +121,8 @@ def evaluate(
     the resumable writer (`somelvlm.tasks.output`): samples already answered are skipped, samples
     that failed earlier are retried, and a resume with another model or other decoding options is
     refused unless `force`. `generate_kwargs` override the model's decoding defaults (unknown
-    names are an error). `limit` keeps the first N samples of every file. Writes `report_path`
+    names are an error). `limit` keeps the first N samples of every file. `num_workers` processes
+    decode images ahead (default: 2 on a GPU, else 0). Writes `report_path`
     (default `out_dir/report.json`) plus its Markdown twin; returns the report.
     """
     if mode not in ("generate", "rank"):
@@ -145,7 +147,7 @@ def evaluate(
             generated = [s for t, s in pending if not (mode == "rank" and t.kind == "classification")]
             for s in ranked:
                 record.rank(model, s)
-            answer_tasks(model, generated, options, record.done, record.fail, batch_size)
+            answer_tasks(model, generated, options, record.done, record.fail, batch_size, num_workers=num_workers)
 
     report = score(data, predictions_path, limit=limit, judge=judge, tasks=tasks)
     report["settings"] = {"mode": mode, "batch_size": batch_size, "limit": limit,

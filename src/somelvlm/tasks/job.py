@@ -39,6 +39,7 @@ class JobSpec:
     options: GenerationOptions = GenerationOptions()
     input_format: str | None = None
     output_format: str | None = None
+    num_workers: int | None = None  # image decoding processes (None: 2 on a GPU, else 0); answers do not depend on it
 
     def read(self, problems: Problems) -> list[Task]:
         template = template_text(self.task) if self.task else None
@@ -115,6 +116,7 @@ def run_job(model: Any, spec: JobSpec, settings: RunSettings, progress: bool = T
                 result.failures.append(msg)
                 bar.update()
 
-            answer_tasks(model, todo, spec.options, on_answer, on_error, spec.batch_size)
+            answer_tasks(model, todo, spec.options, on_answer, on_error, spec.batch_size,
+                         num_workers=spec.num_workers)
     result.seconds = time.perf_counter() - start
     return result
