@@ -16,11 +16,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import __version__, hub, train
+from . import __version__, train
 from .config import SoMeLVLMConfig
 from .devices import resolve_device
 from .engines import cli as engines_cli
 from .generation import streaming_note
+from .hub import LAVIS_CHECKPOINT, resolve_model
 from .console import run_command, setup_logging
 from .model import SoMeLVLM
 from .options import GenerationOptions
@@ -173,11 +174,11 @@ def run_convert(args: argparse.Namespace) -> int:
     if lavis:
         llm = args.llm
         if args.from_hub is not None:
-            folder, kind = hub.resolve_model(args.from_hub)
+            folder, kind = resolve_model(args.from_hub)
             if kind != "lavis":
                 raise ValueError(f"{args.from_hub} is a {kind} folder, not the released SoMeLVLM layout; use "
                                  f"--{'model' if kind == 'somelvlm' else 'from-hf'} {args.from_hub}")
-            checkpoints.append(str(folder / hub.LAVIS_CHECKPOINT))
+            checkpoints.append(str(folder / LAVIS_CHECKPOINT))
             llm = llm or folder
         if not checkpoints:
             raise ValueError("the LAVIS source needs --lavis-checkpoint (or --from-hub)")

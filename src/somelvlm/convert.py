@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import hub
+from .hub import resolve_folder, resolve_vit
 from .config import SoMeLVLMConfig
 from .folder import INDEX_NAME, MAX_SHARD_BYTES, atomic_folder, generation_config, plan_shards, safetensors_files, write_json
 from .lavis import LavisSources, make_processor
@@ -164,8 +164,8 @@ def convert_lavis(
     out = Path(out)
     if out.exists() and not force:  # before any download
         raise FileExistsError(f"{out} already exists; pass force=True (--force) to overwrite it")
-    vit_file = hub.resolve_vit(vit)
-    src = LavisSources.open(checkpoint, vit_file, hub.resolve_folder(llm, "LLM folder"), config)
+    vit_file = resolve_vit(vit)
+    src = LavisSources.open(checkpoint, vit_file, resolve_folder(llm, "LLM folder"), config)
     expected = {k: v.shape for k, v in empty_model(SoMeLVLM, src.config).state_dict().items()}
     if dtype in (None, "auto"):
         specs = {k: (tuple(shape), lossless_dtype(k, src.config.vision)) for k, shape in expected.items()}

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import hub
+from .hub import LAVIS_CHECKPOINT, resolve_folder, resolve_model, resolve_vit
 from .config import SoMeLVLMConfig
 from .folder import read_folder, save_folder
 from .hf import read_hf, save_hf
@@ -137,8 +137,8 @@ class SoMeLVLM(nn.Module):
         ckpts = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
         if llm is None:
             llm = Path(ckpts[-1]).parent
-        llm_folder = hub.resolve_folder(llm, "LLM folder")
-        vit_file = hub.resolve_vit(vit)
+        llm_folder = resolve_folder(llm, "LLM folder")
+        vit_file = resolve_vit(vit)
         src = read_lavis(ckpts, vit_file, llm_folder, qformer_tokenizer, config)
         return materialize(cls, src, _dtype_arg(dtype, torch_dtype), device, strict=strict)
 
@@ -152,10 +152,10 @@ class SoMeLVLM(nn.Module):
         beside the Vicuna folder, e.g. "Lishi0905/SoMeLVLM"; `vit`, `config` and `strict` as in `from_lavis`).
         `dtype=None`: fp32 on CPU, fp16 on CUDA with the connection module fp32 (see `precision`)."""
         dtype = _dtype_arg(dtype, torch_dtype)
-        folder, kind = hub.resolve_model(id_or_dir)
+        folder, kind = resolve_model(id_or_dir)
         if kind == "lavis":
-            src: Checkpoint = read_lavis(folder / hub.LAVIS_CHECKPOINT,
-                                         hub.resolve_vit(vit), folder, config=config)
+            src: Checkpoint = read_lavis(folder / LAVIS_CHECKPOINT,
+                                         resolve_vit(vit), folder, config=config)
         elif kind == "hf":
             log.info("%s is an HF InstructBLIP folder: importing it (`somelvlm convert --from-hf` makes a "
                      "somelvlm folder once)", id_or_dir)
@@ -170,7 +170,7 @@ class SoMeLVLM(nn.Module):
                 torch_dtype: torch.dtype | str | None = None) -> "SoMeLVLM":
         """Import a Hugging Face `InstructBlipForConditionalGeneration` folder or Hub id. `ln_vision_eps=None`
         reproduces the HF model (vision eps); pass 1e-5 for LAVIS numerics."""
-        folder = hub.resolve_folder(id_or_dir, "HF InstructBLIP folder")
+        folder = resolve_folder(id_or_dir, "HF InstructBLIP folder")
         return materialize(cls, read_hf(folder, ln_vision_eps), _dtype_arg(dtype, torch_dtype), device)
 
     def save_pretrained(self, folder: PathLike, format: str = "somelvlm", force: bool = False,
