@@ -64,3 +64,17 @@ def loaded(lavis_files, tiny_cfg):
     from somelvlm import SoMeLVLM
 
     return SoMeLVLM.from_lavis(config=tiny_cfg, **lavis_files)
+
+
+def write_images(root: Path, names: tuple[str, ...], shape: tuple[int, int], seed: int,
+                 broken: tuple[str, bytes]) -> Path:
+    """Random RGB images `names` of `shape` (H, W) in a new folder `root`, plus one broken file."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir()
+    rng = np.random.default_rng(seed)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(root / name)
+    (root / broken[0]).write_bytes(broken[1])
+    return root

@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from conftest import write_images
 from somelvlm import SoMeLVLM
 from somelvlm.cli import main
 from somelvlm.decoding import Flight
@@ -30,13 +29,8 @@ def tiny():
 
 @pytest.fixture()
 def images(tmp_path) -> Path:
-    root = tmp_path / "imgs"
-    root.mkdir()
-    rng = np.random.default_rng(1)
-    for name in ("a.jpg", "b.png", "c.png"):
-        Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / name)
-    (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    return root
+    return write_images(tmp_path / "imgs", ("a.jpg", "b.png", "c.png"), (20, 30), 1,
+                        ("broken.jpg", b"\xff\xd8 not really a jpeg"))
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import write_images
 from somelvlm import SoMeLVLM
 from somelvlm.tasks.records import Columns, Problems, read_tasks
 from somelvlm.tasks.templates import TEMPLATES, fill
@@ -27,13 +27,8 @@ def tiny():
 
 @pytest.fixture()
 def images(tmp_path) -> Path:
-    root = tmp_path / "imgs"
-    root.mkdir()
-    rng = np.random.default_rng(3)
-    for name in ("a.png", "b.png"):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / name)
-    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
-    return root
+    return write_images(tmp_path / "imgs", ("a.png", "b.png"), (16, 16), 3,
+                        ("corrupt.jpg", b"\xff\xd8\xff\xe0 truncated jpeg"))
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
